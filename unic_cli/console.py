@@ -1,0 +1,29 @@
+"""The one rich Console, print_error, and the RichHandler that shows the library's log records."""
+
+from __future__ import annotations
+
+import logging
+
+from rich.console import Console
+from rich.logging import RichHandler
+
+from unic_cli.errors import UnicError
+
+console = Console(highlight=False)
+err_console = Console(stderr=True, highlight=False)
+
+
+def print_error(err: UnicError) -> None:
+    """One clear message on stderr, no traceback."""
+    err_console.print(f"[bold red]Error:[/] {err}", markup=True, soft_wrap=True, highlight=False)
+
+
+def setup_logging(verbose: bool = False) -> None:
+    """Route `logging.getLogger("unic_cli")` through rich; the library itself never prints."""
+    logger = logging.getLogger("unic_cli")
+    if not any(isinstance(h, RichHandler) for h in logger.handlers):
+        handler = RichHandler(console=err_console, show_path=False, show_time=False, markup=False)
+        handler.setFormatter(logging.Formatter("%(message)s"))
+        logger.addHandler(handler)
+    logger.setLevel(logging.DEBUG if verbose else logging.INFO)
+    logger.propagate = False

@@ -1,0 +1,58 @@
+"""load_teacher(spec): resolve a spec to a card, then dispatch on card.source to an adapter, lazily.
+
+Adapters import their library inside the function, so a command that uses only timm teachers never imports
+transformers or open_clip.
+"""
+
+from __future__ import annotations
+
+import importlib
+
+from unic_cli.registry import TeacherCard, TeacherSpec, apply_overrides, get_card, parse_teacher_spec
+from unic_cli.teachers.base import Teacher, TeacherTokens
+
+__all__ = ["Teacher", "TeacherTokens", "load_teacher", "resolve_card"]
+
+# source -> "module:function"; each function is (card, spec, *, pretrained) -> nn.Module implementing Backbone,
+# and each module also has card_from_spec(spec) -> TeacherCard for explicit specs without a card.
+_ADAPTERS = {
+    "timm": "unic_cli.teachers.timm",
+    "hf": "unic_cli.teachers.hf",
+    "open_clip": "unic_cli.teachers.open_clip",
+    "py": "unic_cli.teachers.py_module",
+}
+
+
+def _adapter(source: str):
+    return importlib.import_module(_ADAPTERS[source])
+
+
+def resolve_card(spec: str | TeacherSpec) -> TeacherCard:
+    """The card for a spec: a registry card, or one read from the library's own config (no weights loaded)."""
+    spec = parse_teacher_spec(spec) if isinstance(spec, str) else spec
+    if spec.source == "alias":
+        card = get_card(spec.target)
+    else:
+        card = _adapter(spec.source).card_from_spec(spec)
+    return apply_overrides(card, spec.overrides, origin=f"teacher spec {spec.text!r}")
+
+
+def load_teacher(
+    spec: str | TeacherSpec,
+    *,
+    grid: tuple[int, int] | None = None,
+    pretrained: bool = True,
+    device: str = "cpu",
+) -> Teacher:
+    """Build a frozen teacher behind the token contract.
+
+    Args:
+        spec: an alias or explicit spec (see `unic_cli.registry`), optionally with local weights.
+        grid: the student's patch grid; None keeps the teacher's native grid.
+        pretrained: load weights (hub, package or local file); False gives a random init, for tests and bench.
+        device: where the teacher lives.
+    """
+    spec = parse_teacher_spec(spec) if isinstance(spec, str) else spec
+    card = resolve_card(spec)
+    backbone = _adapter(card.source).build_backbone(card, spec, pretrained=pretrained)
+    return Teacher(card, backbone, grid=grid).to(device)

@@ -1,0 +1,91 @@
+"""TeacherTokens, the Backbone protocol, and Teacher: the one token-extractor contract for every source.
+
+Shape legend: B batch, C channels, H/W pixels, N patch tokens, D token width, h/w patch grid.
+
+A source adapter (timm, hf, open_clip, py) only turns normalised pixels at the teacher's input size into
+tokens on the teacher's own feature grid (`Backbone.forward_tokens`). Everything every teacher shares lives in
+`Teacher`: pixels in [0, 255] (uint8) or [0, 1] (float) on any device, resized to the teacher's input size,
+normalised with the card's mean/std, run under no_grad (bf16 autocast on CUDA), register tokens already
+removed by the adapter, and patch tokens resampled onto the requested grid when the grids differ.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple, Protocol
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from unic_cli.registry import TeacherCard
+
+
+class TeacherTokens(NamedTuple):
+    """What a teacher returns for a batch of images."""
+
+    summary_BD: torch.Tensor | None  # None when "summary" is not in card.tokens
+    patch_BND: torch.Tensor  # register tokens removed, row-major on the (h, w) grid
+
+
+class Backbone(Protocol):
+    """A source adapter: normalised images at `input_size` -> tokens on its own feature grid."""
+
+    card: TeacherCard
+
+    def forward_tokens(self, images_BCHW: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor, tuple[int, int]]:
+        """Return (summary_BD or None, patch_BND without registers, feature grid (h, w))."""
+        ...
+
+
+def resample_grid(patch_BND: torch.Tensor, src: tuple[int, int], dst: tuple[int, int]) -> torch.Tensor:
+    """Resize patch tokens laid on grid `src` to grid `dst` (bilinear, as for a feature map)."""
+    if src == dst:
+        return patch_BND
+    B, N, D = patch_BND.shape
+    fmap_BDhw = patch_BND.transpose(1, 2).reshape(B, D, *src)
+    fmap_BDhw = F.interpolate(fmap_BDhw.float(), size=dst, mode="bilinear", align_corners=False)
+    return fmap_BDhw.flatten(2).transpose(1, 2).to(patch_BND.dtype)
+
+
+class Teacher(nn.Module):
+    """A frozen teacher behind the uniform token contract.
+
+    Args:
+        card: the resolved card (sizes, mean/std, tokens).
+        backbone: the source adapter (an nn.Module implementing `Backbone`).
+        grid: the student's patch grid (h, w) to lay patch tokens on; None keeps the teacher's native grid.
+    """
+
+    def __init__(self, card: TeacherCard, backbone: nn.Module, *, grid: tuple[int, int] | None = None) -> None:
+        super().__init__()
+        self.card = card
+        self.backbone = backbone.eval().requires_grad_(False)
+        self.input_size = card.input_size_for(grid)
+        self.grid = grid if grid is not None else (self.input_size[0] // card.patch_size,
+                                                   self.input_size[1] // card.patch_size)
+        self.register_buffer("mean_C", torch.tensor(card.mean).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("std_C", torch.tensor(card.std).view(1, 3, 1, 1), persistent=False)
+
+    def train(self, mode: bool = True) -> Teacher:  # a teacher never leaves eval mode
+        return super().train(False)
+
+    def preprocess(self, images_BCHW: torch.Tensor) -> torch.Tensor:
+        """uint8 [0, 255] or float [0, 1] -> float32 at the teacher's input size, normalised."""
+        x = images_BCHW.float()
+        if images_BCHW.dtype == torch.uint8:
+            x = x / 255.0
+        if tuple(x.shape[-2:]) != self.input_size:
+            mode = self.card.interpolation
+            x = F.interpolate(x, size=self.input_size, mode=mode, align_corners=False if mode != "nearest" else None,
+                              antialias=mode != "nearest")
+        return (x - self.mean_C) / self.std_C
+
+    @torch.no_grad()  # not inference_mode: the loss must be able to save these tensors for backward
+    def forward(self, images_BCHW: torch.Tensor) -> TeacherTokens:
+        x = self.preprocess(images_BCHW)
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=x.is_cuda):
+            summary_BD, patch_BND, feat_grid = self.backbone.forward_tokens(x)
+        patch_BND = resample_grid(patch_BND, feat_grid, self.grid)
+        if not self.card.has_summary:
+            summary_BD = None
+        return TeacherTokens(summary_BD, patch_BND)
