@@ -1,0 +1,345 @@
+"""Image folders: listing, robust decoding, the UNIC augmentation, exact resume, rank sharding, eval loader."""
+
+from __future__ import annotations
+
+import io
+import logging
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from unic_cli.data import (
+    Batch,
+    augment_unic,
+    build_eval_loader,
+    build_train_loader,
+    decode_image,
+    list_image_folder,
+    load_crop,
+)
+from unic_cli.errors import DataError
+
+SIZE = 32  # output side for every loader test: keeps decode + augment to well under a millisecond
+
+
+def _solid(value: int, size=(40, 30)) -> Image.Image:
+    """An RGB image whose red channel names it: survives resize + center crop unchanged."""
+    return Image.new("RGB", size, (value, 100, 200))
+
+
+def _write_folder(root, num_images: int, *, classes=("a", "b"), noise: bool = False):
+    rng = np.random.default_rng(0)
+    for i in range(num_images):
+        folder = root / classes[i % len(classes)] if classes else root
+        folder.mkdir(parents=True, exist_ok=True)
+        if noise:
+            img = Image.fromarray(rng.integers(0, 256, (36 + i % 5, 44, 3), dtype=np.uint8))
+        else:
+            img = _solid(5 * i + 3)
+        img.save(folder / f"img{i:03d}.png")
+    return root
+
+
+def _ids(batch: Batch) -> list[int]:
+    return batch.images_BCHW[:, 0, 0, 0].tolist()
+
+
+def _take(loader, num_batches: int) -> list[Batch]:
+    it = iter(loader)
+    return [next(it) for _ in range(num_batches)]
+
+
+# --- listing and errors -----------------------------------------------------------------------
+
+
+def test_list_image_folder__recursive_sorted_case_insensitive_with_classes(tmp_path) -> None:
+    for rel in ["b/x/2.JPG", "b/1.png", "a/3.TIFF", "top.Webp", ".hidden/4.jpg", "a/._5.jpg", "a/notes.txt"]:
+        (tmp_path / rel).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / rel).write_bytes(b"")
+    entries = list_image_folder(tmp_path)
+    assert [p.relative_to(tmp_path).as_posix() for p, _ in entries] == ["a/3.TIFF", "b/1.png", "b/x/2.JPG",
+                                                                        "top.Webp"]
+    assert [c for _, c in entries] == ["a", "b", "b", ""]
+
+
+@pytest.mark.parametrize(("make", "message"), [
+    (lambda p: p / "missing", "does not exist"),
+    (lambda p: (p / "f.jpg").write_bytes(b"x") and p / "f.jpg", "is a file, not a folder"),
+    (lambda p: (p / "notes.txt").write_text("x") and p, "No images found"),
+])
+def test_build_train_loader__data_errors(tmp_path, make, message) -> None:
+    with pytest.raises(DataError, match=message) as info:
+        build_train_loader(make(tmp_path), image_size=SIZE, batch_size=2, num_workers=0, seed=0)
+    assert info.value.exit_code == 2
+    if message == "No images found":
+        assert ".jpg" in str(info.value) and ".webp" in str(info.value)
+
+
+def test_build_train_loader__rejects_batch_larger_than_dataset_and_bad_augment(tmp_path) -> None:
+    _write_folder(tmp_path, 3)
+    with pytest.raises(DataError, match="fewer than one global batch of 4"):
+        build_train_loader(tmp_path, image_size=SIZE, batch_size=2, world_size=2, num_workers=0, seed=0)
+    with pytest.raises(DataError, match="Unknown augmentation 'dino'"):
+        build_train_loader(tmp_path, image_size=SIZE, batch_size=2, num_workers=0, seed=0, augment="dino")
+
+
+# --- decoding ----------------------------------------------------------------------------------
+
+
+def _save(img: Image.Image, path, **kwargs):
+    img.save(path, **kwargs)
+    return path
+
+
+def test_decode_image__converts_odd_modes_to_rgb(tmp_path) -> None:
+    gray16 = np.array([[0, 32896, 65535]], dtype=np.uint16).repeat(4, axis=0)
+    rgba = Image.new("RGBA", (4, 4), (10, 20, 30, 0))
+    rgba.putpixel((0, 0), (10, 20, 30, 255))
+    palette = Image.new("P", (4, 4), 1)
+    palette.putpalette([0, 0, 0, 250, 10, 10] + [0] * 762)
+    cases = {
+        "cmyk.jpg": _save(Image.new("CMYK", (8, 8), (0, 255, 255, 0)), tmp_path / "cmyk.jpg"),
+        "gray16.png": _save(Image.fromarray(gray16), tmp_path / "gray16.png"),
+        "gray.png": _save(Image.new("L", (4, 4), 77), tmp_path / "gray.png"),
+        "la.png": _save(Image.new("LA", (4, 4), (77, 0)), tmp_path / "la.png"),
+        "palette.gif": _save(palette, tmp_path / "palette.gif"),
+        "rgba.png": _save(rgba, tmp_path / "rgba.png"),
+        "bilevel.bmp": _save(Image.new("1", (4, 4), 1), tmp_path / "bilevel.bmp"),
+    }
+    out = {name: np.asarray(decode_image(path)) for name, path in cases.items()}
+    for name, arr in out.items():
+        assert arr.dtype == np.uint8 and arr.ndim == 3 and arr.shape[2] == 3, name
+    assert out["cmyk.jpg"][0, 0, 0] > 200 and out["cmyk.jpg"][0, 0, 1] < 60  # CMYK (0,255,255,0) is red
+    assert out["gray16.png"][0].tolist() == [[0, 0, 0], [128, 128, 128], [255, 255, 255]]  # scaled, not clipped
+    assert out["gray.png"][0, 0].tolist() == [77, 77, 77]
+    assert out["la.png"][0, 0].tolist() == [255, 255, 255]  # fully transparent: white
+    assert out["palette.gif"][0, 0].tolist() == [250, 10, 10]
+    assert out["rgba.png"][0, 0].tolist() == [10, 20, 30] and out["rgba.png"][1, 1].tolist() == [255, 255, 255]
+    assert out["bilevel.bmp"][0, 0].tolist() == [255, 255, 255]
+
+
+def test_decode_image__applies_exif_orientation(tmp_path) -> None:
+    exif = Image.Exif()
+    exif[0x0112] = 6  # "rotate 90 CW to display"
+    path = _save(Image.new("RGB", (40, 20), (0, 0, 0)), tmp_path / "rot.jpg", exif=exif)
+    assert decode_image(path).size == (20, 40)
+
+
+@pytest.mark.parametrize("orientation", [1, 6])
+def test_load_crop__reduced_jpeg_decode_matches_full_decode(tmp_path, orientation) -> None:
+    yy, xx = np.mgrid[0:600, 0:1000]
+    smooth = np.stack([xx * 255 // 999, yy * 255 // 599, (xx + yy) * 255 // 1598], axis=-1).astype(np.uint8)
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    path = _save(Image.fromarray(smooth), tmp_path / "big.jpg", quality=95, exif=exif)
+    box = (100, 50, 500, 450)  # 400 px wide for a 32 px output: decoded at 1/8 scale
+    fast = np.asarray(load_crop(path, SIZE, lambda w, h: box), dtype=np.float64)
+    full = np.asarray(decode_image(path).resize((SIZE, SIZE), Image.Resampling.BICUBIC, box=box), dtype=np.float64)
+    assert np.abs(fast - full).mean() < 2.0
+
+
+def _write_corrupt_files(folder) -> int:
+    jpeg = io.BytesIO()
+    Image.fromarray(np.random.default_rng(0).integers(0, 256, (64, 64, 3), dtype=np.uint8)).save(jpeg, "JPEG")
+    (folder / "zero.jpg").write_bytes(b"")
+    (folder / "truncated.jpg").write_bytes(jpeg.getvalue()[: len(jpeg.getvalue()) // 2])
+    (folder / "random.jpg").write_bytes(np.random.default_rng(1).bytes(500))
+    return 3
+
+
+def test_train_loader__skips_and_counts_unreadable_files(tmp_path, caplog) -> None:
+    _write_folder(tmp_path, 5, classes=())
+    _write_corrupt_files(tmp_path)
+    loader = build_train_loader(tmp_path, image_size=SIZE, batch_size=4, num_workers=0, seed=0, augment="none")
+    assert loader.num_images == 8 and loader.steps_per_epoch == 2
+    with caplog.at_level(logging.WARNING, logger="unic_cli"):
+        batches = _take(loader, 4)  # two epochs
+    assert sum(len(b.images_BCHW) for b in batches[:2]) == 5 and sum(b.num_skipped for b in batches[:2]) == 3
+    assert sum(b.num_skipped for b in batches) == 6 and loader.num_skipped_total == 6
+    assert all(len(b.images_BCHW) + b.num_skipped == 4 for b in batches)
+    warned = [r.getMessage() for r in caplog.records if "Skipping unreadable image" in r.getMessage()]
+    assert len(warned) == 3  # once per file, not once per epoch
+    assert any("truncated.jpg" in m and "image file is truncated" in m for m in warned)
+
+
+def test_train_loader__all_unreadable_raises(tmp_path) -> None:
+    _write_corrupt_files(tmp_path)
+    loader = build_train_loader(tmp_path, image_size=SIZE, batch_size=1, num_workers=0, seed=0)
+    with pytest.raises(DataError, match="No readable image"):
+        next(iter(loader))
+
+
+# --- the training stream -------------------------------------------------------------------------
+
+
+def test_train_loader__epochs_cover_every_image_then_reshuffle(tmp_path) -> None:
+    _write_folder(tmp_path, 12)
+    loader = build_train_loader(tmp_path, image_size=SIZE, batch_size=4, num_workers=0, seed=3, augment="none")
+    batches = _take(loader, 7)
+    epoch0 = [i for b in batches[:3] for i in _ids(b)]
+    epoch1 = [i for b in batches[3:6] for i in _ids(b)]
+    assert sorted(epoch0) == sorted(epoch1) == [5 * i + 3 for i in range(12)]
+    assert epoch0 != epoch1
+    assert loader.state_dict()["epoch"] == 2 and loader.state_dict()["batch_index"] == 1
+    assert all(b.images_BCHW.dtype == torch.uint8 and b.images_BCHW.shape == (4, 3, SIZE, SIZE) for b in batches)
+
+
+def test_train_loader__resume_gives_identical_batches(tmp_path) -> None:
+    _write_folder(tmp_path, 10, noise=True)
+    kwargs = dict(image_size=SIZE, batch_size=3, num_workers=0, seed=7)  # 3 steps/epoch, 1 image dropped
+    straight = _take(build_train_loader(tmp_path, **kwargs), 8)
+    first = build_train_loader(tmp_path, **kwargs)
+    _take(first, 2)
+    state = first.state_dict()
+    buffer = io.BytesIO()
+    torch.save(state, buffer)
+    buffer.seek(0)
+    resumed = build_train_loader(tmp_path, **kwargs)
+    resumed.load_state_dict(torch.load(buffer, weights_only=True))
+    for a, b in zip(straight[2:], _take(resumed, 6)):  # crosses two epoch boundaries
+        assert torch.equal(a.images_BCHW, b.images_BCHW)
+
+
+def test_train_loader__ranks_split_each_global_batch(tmp_path) -> None:
+    _write_folder(tmp_path, 13, noise=True)
+    kwargs = dict(image_size=SIZE, num_workers=0, seed=1)
+    single = _take(build_train_loader(tmp_path, batch_size=4, **kwargs), 4)
+    ranks = [_take(build_train_loader(tmp_path, batch_size=2, rank=r, world_size=2, **kwargs), 4) for r in (0, 1)]
+    for step in range(4):  # same images and the same crops: augmentation is seeded per image, not per rank
+        assert torch.equal(torch.cat([ranks[0][step].images_BCHW, ranks[1][step].images_BCHW]),
+                           single[step].images_BCHW)
+
+
+def test_train_loader__ranks_are_disjoint_and_cover_the_epoch(tmp_path) -> None:
+    _write_folder(tmp_path, 12)
+    seen = []
+    for rank in range(3):
+        loader = build_train_loader(tmp_path, image_size=SIZE, batch_size=2, num_workers=0, seed=0, rank=rank,
+                                    world_size=3, augment="none")
+        assert loader.steps_per_epoch == 2
+        seen.append([i for b in _take(loader, 2) for i in _ids(b)])
+    assert sorted(sum(seen, [])) == [5 * i + 3 for i in range(12)]
+
+
+def test_train_loader__resume_onto_other_world_size(tmp_path) -> None:
+    _write_folder(tmp_path, 16, noise=True)
+    kwargs = dict(image_size=SIZE, num_workers=0, seed=2)
+    two = [build_train_loader(tmp_path, batch_size=2, rank=r, world_size=2, **kwargs) for r in (0, 1)]
+    for loader in two:
+        _take(loader, 3)
+    one = build_train_loader(tmp_path, batch_size=4, **kwargs)
+    one.load_state_dict(two[0].state_dict())
+    expected = _take(build_train_loader(tmp_path, batch_size=4, **kwargs), 4)[3]
+    assert torch.equal(next(iter(one)).images_BCHW, expected.images_BCHW)
+
+
+def test_train_loader__workers_match_in_process_decoding(tmp_path) -> None:
+    _write_folder(tmp_path, 12, noise=True)
+    kwargs = dict(image_size=SIZE, batch_size=4, seed=5)
+    in_process = _take(build_train_loader(tmp_path, num_workers=0, **kwargs), 5)
+    workers = _take(build_train_loader(tmp_path, num_workers=2, **kwargs), 5)
+    for a, b in zip(in_process, workers):
+        assert torch.equal(a.images_BCHW, b.images_BCHW)
+
+
+def test_augment_unic__seeded_uint8_and_varied() -> None:
+    img = Image.fromarray(np.random.default_rng(0).integers(0, 256, (50, 70, 3), dtype=np.uint8))
+    a = augment_unic(img, SIZE, np.random.default_rng(4))
+    assert a.dtype == torch.uint8 and a.shape == (3, SIZE, SIZE)
+    assert torch.equal(a, augment_unic(img, SIZE, np.random.default_rng(4)))
+    views = [augment_unic(img, SIZE, np.random.default_rng(s)) for s in range(8)]
+    assert len({v.float().mean().item() for v in views}) == 8
+
+
+# --- evaluation loader ---------------------------------------------------------------------------
+
+
+def test_build_eval_loader__labels_and_indices_survive_a_skipped_file(tmp_path) -> None:
+    _write_folder(tmp_path, 6)
+    (tmp_path / "b" / "broken.jpg").write_bytes(b"")
+    loader = build_eval_loader(tmp_path, image_size=SIZE, batch_size=4)
+    assert loader.class_names == ["a", "b"] and len(loader.paths) == 7
+    batches = list(loader)
+    index = torch.cat([b.index_B for b in batches])
+    labels = torch.cat([b.label_B for b in batches])
+    assert sum(b.num_skipped for b in batches) == 1 and len(index) == 6
+    assert [loader.paths[i].rsplit("/", 2)[-2] for i in index] == [["a", "b"][y] for y in labels]
+    flat = build_eval_loader([tmp_path / "a" / "img000.png"], image_size=SIZE, batch_size=4)
+    assert next(iter(flat)).label_B.tolist() == [-1]
+
+
+# --- real data -----------------------------------------------------------------------------------
+
+
+def test_hymenoptera__placeholder_gif_and_jpeg_extension_decode(shared_data) -> None:
+    ants = shared_data / "hymenoptera" / "train" / "ants"
+    names = [p.name for p, _ in list_image_folder(ants)]
+    assert "imageNotFound.gif" in names and "formica.jpeg" in names
+    loader = build_eval_loader([ants / "imageNotFound.gif", ants / "formica.jpeg"], image_size=64, batch_size=2)
+    batch = next(iter(loader))
+    assert batch.images_BCHW.shape == (2, 3, 64, 64) and batch.num_skipped == 0
+    train = build_train_loader(shared_data / "hymenoptera" / "train", image_size=64, batch_size=8, num_workers=0,
+                               seed=0)
+    assert train.num_images == 245 and train.steps_per_epoch == 30
+    batch = next(iter(train))
+    assert batch.images_BCHW.shape == (8, 3, 64, 64) and batch.num_skipped == 0
+
+
+# --- WebDataset tar shards -----------------------------------------------------------------------
+
+
+def _write_shards(folder, shard_dir, num_shards: int):
+    """Pack `folder`'s images, in listing order, into WebDataset shards with a label member per sample."""
+    import tarfile
+
+    entries = list_image_folder(folder)
+    shard_dir.mkdir()
+    per_shard = -(-len(entries) // num_shards)
+    for s in range(num_shards):
+        with tarfile.open(shard_dir / f"train-{s:03d}.tar", "w") as tar:
+            for i, (path, cls) in enumerate(entries[s * per_shard:(s + 1) * per_shard]):
+                key = f"{s:03d}{i:04d}"
+                tar.add(path, arcname=f"{key}.{path.suffix[1:]}")
+                label = tmp = shard_dir / "label.cls"
+                label.write_text(cls)
+                tar.add(tmp, arcname=f"{key}.cls")
+                tmp.unlink()
+    return shard_dir
+
+
+def test_tar_shards__same_stream_as_the_folder(tmp_path) -> None:
+    _write_folder(tmp_path / "imgs", 10, noise=True)
+    shards = _write_shards(tmp_path / "imgs", tmp_path / "shards", 3)
+    kwargs = dict(image_size=SIZE, batch_size=3, num_workers=0, seed=4)
+    expected = _take(build_train_loader(tmp_path / "imgs", **kwargs), 4)
+    for source in (shards, str(shards / "train-{000..002}.tar")):
+        loader = build_train_loader(source, **kwargs)
+        assert loader.num_images == 10
+        for a, b in zip(expected, _take(loader, 4)):
+            assert torch.equal(a.images_BCHW, b.images_BCHW)
+
+
+def test_tar_shards__corrupt_member_skipped_and_damaged_shard_partly_used(tmp_path, caplog) -> None:
+    import tarfile
+
+    _write_folder(tmp_path / "imgs", 6, noise=True)
+    shards = _write_shards(tmp_path / "imgs", tmp_path / "shards", 2)
+    (tmp_path / "bad.jpg").write_bytes(b"")
+    with tarfile.open(shards / "train-002.tar", "w") as tar:
+        tar.add(tmp_path / "bad.jpg", arcname="k0.jpg")
+    damaged = (shards / "train-001.tar").read_bytes()
+    (shards / "train-001.tar").write_bytes(damaged[:2600])  # inside the second member
+    with caplog.at_level(logging.WARNING, logger="unic_cli"):
+        loader = build_train_loader(shards, image_size=SIZE, batch_size=2, num_workers=0, seed=0)
+        batches = _take(loader, loader.steps_per_epoch)
+    assert any("train-001.tar is unreadable" in r.getMessage() for r in caplog.records)
+    assert 4 <= loader.num_images <= 6
+    assert sum(b.num_skipped for b in batches) >= 1  # k0.jpg (and the cut member when indexed)
+    assert any("train-002.tar:k0.jpg" in r.getMessage() for r in caplog.records)
+
+
+def test_tar_shards__missing_pattern_member_is_a_data_error(tmp_path) -> None:
+    with pytest.raises(DataError, match="2 of the 2 shards"):
+        build_train_loader(str(tmp_path / "s-{0..1}.tar"), image_size=SIZE, batch_size=1, num_workers=0, seed=0)
