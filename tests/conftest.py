@@ -30,3 +30,116 @@ def _torch_threads():
     if "torch" in sys.modules:
         sys.modules["torch"].set_num_threads(2)
     yield
+
+
+def _handmade_unic_checkpoint(path: Path, *, student: str = "test_vit", image_size: int = 64,
+                              blocks: tuple[int, ...] = (3, 5), shared_heads: bool = False, seed: int = 0) -> Path:
+    """A `unic distill` checkpoint in the INTERFACES.md layout, built by hand (no training): a random timm
+    student, random ladder heads, random standardiser statistics and a fake optimiser state. Teachers: t0
+    `tiny_a` (summary + patch, apache-2.0), t1 `tiny_nc` (patch only, cc-by-nc-4.0)."""
+    import timm
+    import torch
+
+    from unic_cli import __version__
+    from unic_cli.ladder import LadderProjector
+    from unic_cli.registry import TeacherCard
+
+    torch.manual_seed(seed)
+    model = timm.create_model(student, pretrained=False, num_classes=0, img_size=image_size)
+    cards = [
+        TeacherCard(alias="tiny_a", source="timm", model_id="test_vit", image_size=64, patch_size=16,
+                    summary_dim=48, patch_dim=48, mean=(0.5,) * 3, std=(0.5,) * 3, license="apache-2.0"),
+        TeacherCard(alias="tiny_nc", source="timm", model_id="test_vit", image_size=64, patch_size=16,
+                    patch_dim=40, tokens=("patch",), mean=(0.5,) * 3, std=(0.5,) * 3, license="cc-by-nc-4.0"),
+    ]
+    dims = [(c.summary_dim if c.has_summary else None, c.patch_dim) for c in cards]
+    ladder = LadderProjector(in_dim=model.embed_dim, teacher_dims=dims, blocks=blocks, num_blocks=len(model.blocks),
+                             shared_heads=shared_heads and all(s in (None, p) for s, p in dims), hidden_dim=32,
+                             last_hidden_dim=96, init_std=0.2)
+    standardizers = {}
+    for i, (summary_dim, patch_dim) in enumerate(dims):
+        for kind, dim in (("summary", summary_dim), ("patch", patch_dim)):
+            if dim is not None:
+                standardizers[f"t{i}.{kind}.mean_D"] = torch.randn(dim)
+                standardizers[f"t{i}.{kind}.var_D"] = torch.rand(dim) * 4 + 0.1
+    params = list(ladder.parameters())
+    ckpt = {
+        "format": "unic-checkpoint", "format_version": 1, "unic_version": __version__, "step": 7,
+        "config": {"teachers": [c.alias for c in cards], "student": student, "image_size": image_size,
+                   "data_dir": "/nowhere", "out_dir": str(path.parent), "num_steps": 10, "lr": 1e-3},
+        "teachers": [c.to_dict() for c in cards],
+        "teacher_specs": [c.alias for c in cards],
+        "student": {"name": student, "model_args": {"img_size": image_size, "num_classes": 0, "drop_path_rate": 0.1},
+                    "state_dict": model.state_dict(), "image_size": image_size, "patch_size": 16,
+                    "mean": [0.5, 0.5, 0.5], "std": [0.5, 0.5, 0.5], "interpolation": "bicubic"},
+        "ladder": ladder.state_dict(),
+        "ladder_meta": {"blocks": list(blocks), "shared_heads": ladder.shared_heads, "hidden_dim": 32,
+                        "last_hidden_dim": 96, "std_eps": 1e-6, "standardize": True},
+        "standardizers": standardizers,
+        "optimizer": {"state": {i: {"exp_avg": torch.zeros_like(p), "exp_avg_sq": torch.zeros_like(p)}
+                                for i, p in enumerate(params)},
+                      "param_groups": [{"lr": 1e-3, "params": list(range(len(params)))}]},
+        "scheduler": {"step": 7}, "rng": {"torch": torch.get_rng_state()}, "data": {"epoch": 0, "batch_index": 7},
+        "last_metrics": {"loss": 1.5, "teachers": {"t0": {"summary_cos": 0.5, "patch_cos": 0.4},
+                                                   "t1": {"patch_cos": 0.3}}},
+    }
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save(ckpt, path)
+    return path
+
+
+@pytest.fixture
+def make_unic_checkpoint(tmp_path):
+    """Factory: `make_unic_checkpoint(path=None, **kw)` writes a hand-built unic checkpoint (see above)."""
+
+    def make(path: Path | None = None, **kwargs) -> Path:
+        return _handmade_unic_checkpoint(path or tmp_path / "run" / "checkpoints" / "last.pt", **kwargs)
+
+    return make
+
+
+_TINY_CARD = """source = "timm"
+model_id = "{model}"
+image_size = 160
+patch_size = 16
+summary_dim = 64
+patch_dim = 64
+num_register_tokens = {registers}
+summary_from = "{summary_from}"
+mean = [0.5, 0.5, 0.5]
+std = [0.5, 0.5, 0.5]
+license = "apache-2.0"
+"""
+
+
+@pytest.fixture
+def tiny_teachers(tmp_path_factory, monkeypatch) -> tuple[str, str]:
+    """Two tiny random timm teachers as registry cards (`tiny_a` = test_vit, `tiny_b` = test_vit2: one
+    register, no class token, pooled summary), in a tmp registry folder that is also exported as UNIC_REGISTRY_PATH for subprocesses."""
+    from unic_cli import registry
+
+    folder = tmp_path_factory.mktemp("registry")
+    (folder / "tiny_a.toml").write_text(_TINY_CARD.format(model="test_vit", registers=0, summary_from="cls"))
+    (folder / "tiny_b.toml").write_text(_TINY_CARD.format(model="test_vit2", registers=1, summary_from="pool"))
+    monkeypatch.setattr(registry, "_user_dirs", [])
+    registry.all_cards.cache_clear()
+    registry.add_registry_dir(folder)
+    monkeypatch.setenv("UNIC_REGISTRY_PATH", str(folder))
+    yield "tiny_a", "tiny_b"
+    registry.all_cards.cache_clear()
+
+
+@pytest.fixture(scope="session")
+def tiny_images(tmp_path_factory) -> Path:
+    """32 random RGB JPEGs of mixed sizes in two class folders (a stand-in for a real image folder)."""
+    import numpy as np
+    from PIL import Image
+
+    folder = tmp_path_factory.mktemp("images")
+    rng = np.random.default_rng(0)
+    for i in range(32):
+        sub = folder / ("a" if i % 2 else "b")
+        sub.mkdir(exist_ok=True)
+        size = (int(rng.integers(64, 96)), int(rng.integers(64, 96)), 3)
+        Image.fromarray(rng.integers(0, 255, size, dtype=np.uint8)).save(sub / f"{i:03d}.jpg")
+    return folder

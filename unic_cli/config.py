@@ -145,3 +145,309 @@ class CommandConfig:
         hints = typing.get_type_hints(cls)
         names = {f.name for f in fields(cls)}
         return cls(**{k: _coerce(k, hints[k], v) for k, v in raw.items() if k in names})
+
+
+@dataclass(frozen=True, kw_only=True)
+class ExportConfig(CommandConfig):
+    """`unic export`: a checkpoint (or run folder) -> a projector-free student folder.
+
+    Attributes:
+        checkpoint: a `unic distill` checkpoint file, or a run folder (its latest checkpoint).
+        out: the folder to write (model.safetensors, config.json, unic.json, README.md).
+        keep_heads: teacher aliases whose projector heads and statistics go to heads.safetensors.
+        overwrite: replace an earlier export at `out`.
+    """
+
+    command: ClassVar[str] = "export"
+
+    checkpoint: Path
+    out: Path
+    keep_heads: tuple[str, ...] = ()
+    overwrite: bool = False
+
+    def problems(self) -> list[str]:
+        problems = []
+        if not self.checkpoint.exists():
+            problems.append(f"{str(self.checkpoint)!r} does not exist; give a `unic distill` run folder or a "
+                            "checkpoint file")
+        out = self.out
+        if out.exists() and not (out.is_dir() and not any(out.iterdir())) and not self.overwrite:
+            problems.append(f"{str(out)!r} already exists; pass --overwrite to replace it, or choose another --out")
+        if self.checkpoint.exists() and out.exists() and out.resolve() == self.checkpoint.resolve():
+            problems.append(f"--out {str(out)!r} is the run itself; choose another folder")
+        if dupes := sorted({a for a in self.keep_heads if self.keep_heads.count(a) > 1}):
+            problems.append(f"--keep-heads lists {', '.join(map(repr, dupes))} more than once")
+        return problems
+
+
+@dataclass(frozen=True, kw_only=True)
+class DistillConfig(CommandConfig):
+    """`unic distill`: teachers + an image folder -> a UNIC student (UNIC paper Sec. 3).
+
+    The defaults are the paper's full recipe (Table 1, row 8): feature standardisation, dedicated summary/patch
+    heads, the ladder on all blocks, teacher dropping with p = 0.5. The basic setup (row 4) is
+    `standardize=false, shared_heads=true, ladder_blocks="last", teacher_drop_prob=0`.
+
+    Attributes:
+        teachers: registry aliases or explicit specs, in order (teacher i is `t{i}` in checkpoints).
+        data_dir: a folder of images (class subfolders allowed, labels ignored).
+        out_dir: the run folder (config.toml, metrics.jsonl, checkpoints/, plots).
+        student: a timm ViT name (see `unic_cli.student`).
+        image_size: student input size; each teacher sees its own size for the same patch grid.
+        drop_path_rate: the student's stochastic depth.
+        batch_size: images per process per micro-batch.
+        grad_accum_steps: micro-batches per optimiser step.
+        epochs, steps: training length (give one; neither means 100 epochs). Steps are optimiser steps.
+        base_lr: peak learning rate per 256 images; the peak is base_lr * global batch / 256.
+        min_lr: final learning rate of the cosine decay.
+        warmup_steps: linear warm-up length; default 5% of training (official: 10 of 200 epochs).
+        weight_decay: AdamW decay on weights (none on norms, biases, position embeddings, cls/register tokens).
+        betas: AdamW betas.
+        grad_clip: max global gradient norm; 0 turns clipping off.
+        standardize: EMA feature standardisation of teacher outputs (Sec. 3.3).
+        ema_momentum_start, ema_momentum_end: cosine schedule of the EMA momentum (official 1.0 -> 0.001).
+        std_eps: added to the variance before the square root.
+        shared_heads: one projector head for both token types instead of dedicated summary/patch heads.
+        ladder_blocks: "all" (the ladder, Sec. 3.4), "last" (basic setup) or block indices "3,7,11"; the last
+            block is always included.
+        ladder_hidden: hidden width of intermediate-block heads; default the student width.
+        ladder_last_hidden: hidden width of the last-block heads; default 4x the student width.
+        teacher_drop_prob: Eq. 4's p (0 turns teacher dropping off; the paper uses 0.25 for large students).
+        augment: data augmentation ("unic": the paper's recipe; "none": resize + center crop).
+        device: "auto" (cuda when available), "cpu", "cuda" or "cuda:N".
+        num_workers: image decoding processes per training process.
+        seed: seeds the student init, the data order and augmentations, and teacher dropping.
+        log_every: optimiser steps between metrics.jsonl lines.
+        checkpoint_every: optimiser steps between checkpoints (one is also written at the end and on a signal).
+        keep_checkpoints: newest step_*.pt files to keep (0 keeps all).
+        skip_nonfinite: skip an optimiser step whose loss is NaN/inf instead of stopping.
+        random_init_teachers: random teacher weights (tests and benchmarks; nothing is downloaded).
+    """
+
+    command: ClassVar[str] = "distill"
+
+    teachers: tuple[str, ...]
+    data_dir: Path
+    out_dir: Path = Path("runs/distill")
+    student: str = "vit_base_patch16_224"
+    image_size: int = 224
+    drop_path_rate: float = 0.1
+    batch_size: int = 128
+    grad_accum_steps: int = 1
+    epochs: int | None = None
+    steps: int | None = None
+    base_lr: float = 3e-4
+    min_lr: float = 1e-6
+    warmup_steps: int | None = None
+    weight_decay: float = 0.03
+    betas: tuple[float, ...] = (0.9, 0.99)
+    grad_clip: float = 0.0
+    standardize: bool = True
+    ema_momentum_start: float = 1.0
+    ema_momentum_end: float = 0.001
+    std_eps: float = 1e-6
+    shared_heads: bool = False
+    ladder_blocks: str = "all"
+    ladder_hidden: int | None = None
+    ladder_last_hidden: int | None = None
+    teacher_drop_prob: float = 0.5
+    augment: str = "unic"
+    device: str = "auto"
+    num_workers: int = 4
+    seed: int = 0
+    log_every: int = 10
+    checkpoint_every: int = 1000
+    keep_checkpoints: int = 3
+    skip_nonfinite: bool = False
+    random_init_teachers: bool = False
+
+    DEFAULT_EPOCHS: ClassVar[int] = 100
+
+    def problems(self) -> list[str]:
+        from unic_cli.errors import UnicError
+        from unic_cli.registry import get_card, parse_teacher_spec
+
+        problems = []
+        if not self.teachers:
+            problems.append("no teachers: give at least one with --teachers ALIAS [ALIAS ...]")
+        for text in self.teachers:
+            try:
+                spec = parse_teacher_spec(text)
+                if spec.source == "alias":  # explicit specs are checked when their library loads them
+                    get_card(spec.target)
+                if spec.weights is not None and not spec.weights.is_file():
+                    problems.append(f"teacher {text!r}: weights file {str(spec.weights)!r} does not exist")
+            except UnicError as err:
+                problems.append(str(err))
+        if dupes := sorted({t for t in self.teachers if self.teachers.count(t) > 1}):
+            problems.append(f"--teachers lists {', '.join(map(repr, dupes))} more than once")
+        if not self.data_dir.is_dir():
+            what = "is not a folder" if self.data_dir.exists() else "does not exist"
+            problems.append(f"--data {str(self.data_dir)!r} {what}; give a folder of images")
+        if self.out_dir.exists() and not self.out_dir.is_dir():
+            problems.append(f"--out {str(self.out_dir)!r} exists and is not a folder")
+        for name in ("image_size", "batch_size", "grad_accum_steps", "log_every", "checkpoint_every"):
+            if getattr(self, name) < 1:
+                problems.append(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
+        for name in ("epochs", "steps", "ladder_hidden", "ladder_last_hidden"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                problems.append(f"--{name.replace('_', '-')} must be >= 1, got {value}")
+        if self.epochs is not None and self.steps is not None:
+            problems.append(f"give --epochs or --steps, not both (got {self.epochs} epochs and {self.steps} steps)")
+        for name in ("warmup_steps", "num_workers", "seed", "keep_checkpoints"):
+            if getattr(self, name) is not None and getattr(self, name) < 0:
+                problems.append(f"--{name.replace('_', '-')} must be >= 0, got {getattr(self, name)}")
+        if not 0.0 <= self.teacher_drop_prob < 1.0:
+            problems.append(f"--teacher-drop-prob must be in [0, 1), got {self.teacher_drop_prob}")
+        if not 0.0 <= self.drop_path_rate < 1.0:
+            problems.append(f"--drop-path-rate must be in [0, 1), got {self.drop_path_rate}")
+        if self.base_lr <= 0 or self.min_lr < 0 or self.min_lr > self.base_lr:
+            problems.append(f"need 0 <= min_lr <= base_lr and base_lr > 0, got base_lr={self.base_lr}, "
+                            f"min_lr={self.min_lr}")
+        if self.weight_decay < 0 or self.grad_clip < 0 or self.std_eps <= 0:
+            problems.append("weight_decay and grad_clip must be >= 0 and std_eps > 0")
+        if len(self.betas) != 2 or not all(0.0 <= b < 1.0 for b in self.betas):
+            problems.append(f"betas must be two numbers in [0, 1), got {list(self.betas)}")
+        for name in ("ema_momentum_start", "ema_momentum_end"):
+            if not 0.0 < getattr(self, name) <= 1.0:
+                problems.append(f"{name} must be in (0, 1], got {getattr(self, name)}")
+        blocks = self.ladder_blocks.strip().lower()
+        if blocks not in ("all", "last") and not all(p.strip().lstrip("-").isdigit()
+                                                     for p in blocks.split(",") if p.strip()):
+            problems.append(f"--ladder-blocks must be 'all', 'last' or block indices like '3,7,11', "
+                            f"got {self.ladder_blocks!r}")
+        if self.augment not in ("unic", "none"):
+            problems.append(f"--augment must be 'unic' or 'none', got {self.augment!r}")
+        device = self.device
+        if not (device in ("auto", "cpu", "cuda") or (device.startswith("cuda:") and device[5:].isdigit())):
+            problems.append(f"--device must be auto, cpu, cuda or cuda:N, got {device!r}")
+        return problems
+
+
+PROBE_TASKS: tuple[str, ...] = ("knn", "linear", "seg", "depth", "zeroshot")
+
+
+@dataclass(frozen=True, kw_only=True)
+class ProbeConfig(CommandConfig):
+    """`unic probe`: students and teachers measured side by side on one dataset.
+
+    Attributes:
+        models: exported student folders, registry aliases, teacher specs (`ALIAS=PATH` for local weights)
+            or timm model names.
+        tasks: any of knn, linear, zeroshot (class folders), or seg, depth (images/ + masks/ or depth/).
+        data_dir: holds train/ and val/ or test/.
+        out_dir: where probe.json, probe.md and probe.png go (default: RUN_DIR/probe with --run, else ./probe).
+        run_dir: a `unic distill` run folder; results are merged into RUN_DIR/probe.json for the model card.
+        cache_dir: the feature cache (default: OUT/cache).
+        eval_split: `val` or `test` (default: test when present, else val).
+        dense_image_size: the square input side for seg and depth (rounded to each ViT's patch size).
+        random_init: random weights instead of pretrained ones (a baseline).
+        concat_patch_mean: linear probe on [summary, mean patch token] instead of the summary alone.
+        ignore_index: mask value left out of seg training and scores (CamVid: 11).
+        num_classes: seg classes (default: the largest mask value below ignore_index, plus one).
+        depth_bins: > 0 classifies depth into that many bins, 0 regresses it.
+        depth_scale: 16-bit PNG depth value per metre (.npy maps are taken as metres).
+        prompt_templates: zero-shot prompt templates with `{}` for the class name (default: built-in set).
+    """
+
+    command: ClassVar[str] = "probe"
+
+    models: tuple[str, ...] = ()
+    tasks: tuple[str, ...] = ()
+    data_dir: Path
+    out_dir: Path | None = None
+    run_dir: Path | None = None
+    cache_dir: Path | None = None
+    eval_split: str | None = None
+    batch_size: int = 64
+    num_workers: int = 2
+    device: str = "auto"
+    random_init: bool = False
+    seed: int = 0
+    knn_ks: tuple[int, ...] = (10, 20)
+    knn_temperature: float = 0.07
+    linear_lrs: tuple[float, ...] = (1e-3, 1e-2)
+    linear_weight_decays: tuple[float, ...] = (0.0, 1e-4, 1e-3, 1e-2, 1e-1)
+    linear_steps: int = 300
+    linear_holdout: float = 0.2
+    concat_patch_mean: bool = False
+    dense_image_size: int = 448
+    dense_steps: int = 1000
+    dense_batch_size: int = 16
+    dense_lr: float = 1e-3
+    dense_weight_decay: float = 1e-4
+    ignore_index: int = 255
+    num_classes: int | None = None
+    depth_bins: int = 256
+    depth_scale: float = 1000.0
+    prompt_templates: tuple[str, ...] = ()
+
+    @property
+    def resolved_out_dir(self) -> Path:
+        if self.out_dir is not None:
+            return self.out_dir
+        return self.run_dir / "probe" if self.run_dir is not None else Path("probe")
+
+    @property
+    def resolved_cache_dir(self) -> Path:
+        return self.cache_dir if self.cache_dir is not None else self.resolved_out_dir / "cache"
+
+    def problems(self) -> list[str]:
+        problems = []
+        if not self.models:
+            problems.append("no models: give at least one MODEL (a student folder, teacher alias, spec or timm name)")
+        if dupes := sorted({m for m in self.models if self.models.count(m) > 1}):
+            problems.append(f"MODEL {', '.join(map(repr, dupes))} given more than once")
+        if not self.tasks:
+            problems.append(f"no task: give --task {'|'.join(PROBE_TASKS)}")
+        for task in self.tasks:
+            if task not in PROBE_TASKS:
+                close = difflib.get_close_matches(task, PROBE_TASKS, n=1)
+                hint = f"; did you mean {close[0]!r}?" if close else ""
+                problems.append(f"unknown --task {task!r}{hint} (choose from {', '.join(PROBE_TASKS)})")
+        dense = sorted({t for t in self.tasks if t in ("seg", "depth")})
+        classification = sorted({t for t in self.tasks if t in ("knn", "linear", "zeroshot")})
+        if dense and classification:
+            problems.append(f"--task {'/'.join(classification)} (class folders) and {'/'.join(dense)} "
+                            "(images/ + masks/ or depth/) need different layouts; run them in separate calls")
+        if not self.data_dir.is_dir():
+            what = "is not a folder" if self.data_dir.exists() else "does not exist"
+            problems.append(f"--data {str(self.data_dir)!r} {what}; give a folder with train/ and val/ or test/")
+        if self.run_dir is not None and not self.run_dir.is_dir():
+            problems.append(f"--run {str(self.run_dir)!r} is not a folder; give a `unic distill` run folder")
+        for name in ("out_dir", "cache_dir"):
+            path = getattr(self, name)
+            if path is not None and path.exists() and not path.is_dir():
+                problems.append(f"--{name.replace('_dir', '').replace('_', '-')} {str(path)!r} is a file, not a folder")
+        if self.eval_split not in (None, "val", "test"):
+            problems.append(f"--eval-split must be val or test, got {self.eval_split!r}")
+        for name in ("batch_size", "linear_steps", "dense_image_size", "dense_steps", "dense_batch_size"):
+            if getattr(self, name) < 1:
+                problems.append(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
+        for name in ("num_workers", "seed", "depth_bins"):
+            if getattr(self, name) < 0:
+                problems.append(f"--{name.replace('_', '-')} must be >= 0, got {getattr(self, name)}")
+        if not self.knn_ks or any(k < 1 for k in self.knn_ks):
+            problems.append(f"knn_ks must be positive integers, got {list(self.knn_ks)}")
+        if self.knn_temperature <= 0:
+            problems.append(f"knn_temperature must be > 0, got {self.knn_temperature}")
+        if not self.linear_lrs or any(lr <= 0 for lr in self.linear_lrs):
+            problems.append(f"linear_lrs must be positive, got {list(self.linear_lrs)}")
+        if not self.linear_weight_decays or any(wd < 0 for wd in self.linear_weight_decays):
+            problems.append(f"linear_weight_decays must be >= 0, got {list(self.linear_weight_decays)}")
+        if not 0.0 < self.linear_holdout < 1.0:
+            problems.append(f"linear_holdout must be in (0, 1), got {self.linear_holdout}")
+        if self.dense_lr <= 0 or self.dense_weight_decay < 0:
+            problems.append(f"need dense_lr > 0 and dense_weight_decay >= 0, got {self.dense_lr}, "
+                            f"{self.dense_weight_decay}")
+        if self.num_classes is not None and self.num_classes < 2:
+            problems.append(f"--num-classes must be >= 2, got {self.num_classes}")
+        if self.depth_scale <= 0:
+            problems.append(f"--depth-scale must be > 0, got {self.depth_scale}")
+        if bad := [t for t in self.prompt_templates if "{}" not in t]:
+            problems.append(f"prompt templates need a '{{}}' for the class name: {bad}")
+        device = self.device
+        if not (device in ("auto", "cpu", "cuda") or (device.startswith("cuda:") and device[5:].isdigit())):
+            problems.append(f"--device must be auto, cpu, cuda or cuda:N, got {device!r}")
+        return problems

@@ -60,3 +60,9 @@ class TrainingError(UnicError):
     """A failure during training that the user must act on (non-finite loss, ...)."""
 
     exit_code = 1
+
+
+class ExportVerificationError(ExportError):
+    """An exported folder that does not reproduce its checkpoint's features (a bug, not a user mistake)."""
+
+    exit_code = 1

@@ -9,11 +9,12 @@ Spec grammar (what `--teachers` accepts)::
 
     ALIAS                      a card, e.g. dinov2_g
     timm:NAME[.TAG]            any timm model, sizes and mean/std from timm's pretrained config
-    hf:ORG/NAME                any HF transformers vision model (AutoModel)
+    hf:ORG/NAME[@REVISION]     any HF transformers vision model (AutoModel), or hf:/path/to/saved_folder
     open_clip:ARCH[/TAG]       any OpenCLIP visual tower
     py:MODULE:CALLABLE         a user's own nn.Module (the callable returns it)
     SPEC=PATH                  the same teacher with local weights (safetensors, or a torch file)
-    SPEC?key=value&key=value   card field overrides (image_size=448, tokens=patch, ...); `weights=PATH` too
+    SPEC?key=value&key=value   card field overrides (image_size=448, tokens=patch, ...); `weights=PATH` and
+                               `trust_remote_code=true` (HF only) too
 """
 
 from __future__ import annotations
@@ -114,9 +115,14 @@ class TeacherCard:
 
     @property
     def native_grid(self) -> tuple[int, int]:
-        """The patch grid at the native resolution."""
-        side = self.image_size // self.patch_size
-        return side, side
+        """The patch grid at the native resolution (a ConvNet's feature map: ceil(size / stride), "same" padding)."""
+        return self.grid_for((self.image_size, self.image_size))
+
+    def grid_for(self, input_size: tuple[int, int]) -> tuple[int, int]:
+        """The feature grid this teacher produces for an input of `input_size` (h, w) pixels."""
+        if self.family == "convnet":
+            return -(-input_size[0] // self.patch_size), -(-input_size[1] // self.patch_size)
+        return input_size[0] // self.patch_size, input_size[1] // self.patch_size
 
     def input_size_for(self, grid: tuple[int, int] | None) -> tuple[int, int]:
         """The (height, width) this teacher is fed for a student patch grid.
@@ -224,9 +230,9 @@ def _card_from_raw(raw: dict, *, origin: str) -> TeacherCard:
         raise RegistryError(f"{origin}: unknown field(s) {', '.join(hints)}; allowed: {', '.join(CARD_FIELDS)}")
     raw = {k: tuple(v) if isinstance(v, list) else v for k, v in raw.items()}
     required = [f.name for f in fields(TeacherCard) if f.default is MISSING and f.default_factory is MISSING]
-    if missing := [name for name in required if name not in raw]:
-        raise RegistryError(f"{origin}: missing required field(s) {missing}")
     problems = [p for name, value in raw.items() if (p := _check_field(name, value))]
+    if missing := [name for name in required if name not in raw]:  # reported with the type problems, all at once
+        problems.insert(0, f"missing required field(s) {missing}")
     if problems:
         raise RegistryError(f"{origin}: " + "; ".join(problems))
     try:
@@ -284,6 +290,14 @@ def all_cards() -> dict[str, TeacherCard]:
     return dict(sorted(cards.items()))
 
 
+def card_path(alias: str) -> Path | None:
+    """The TOML file a card alias was read from (the last folder wins, as in `all_cards`), or None."""
+    for folder in reversed(registry_dirs()):
+        if (folder / f"{alias}.toml").is_file():
+            return folder / f"{alias}.toml"
+    return None
+
+
 def get_card(alias: str) -> TeacherCard:
     """The card for an alias, or an error suggesting close names."""
     cards = all_cards()
@@ -308,6 +322,7 @@ class TeacherSpec:
         target: the spec without its `source:` prefix (the model id for explicit specs).
         weights: a local weights file, if given.
         overrides: card field overrides from `?key=value`, as strings.
+        trust_remote_code: let HF transformers run the repository's own model code (`?trust_remote_code=true`).
     """
 
     text: str
@@ -316,13 +331,14 @@ class TeacherSpec:
     target: str
     weights: Path | None = None
     overrides: dict[str, str] = field(default_factory=dict)
+    trust_remote_code: bool = False  # HF only; off unless the spec says `?trust_remote_code=true`
 
 
 def parse_teacher_spec(text: str) -> TeacherSpec:
     """Parse `NAME[?key=value&...][=PATH]` (see the module docstring)."""
     if not text or text != text.strip():
         raise UnknownTeacherError(f"teacher spec {text!r} is empty or has surrounding spaces")
-    name, weights, overrides = text, None, {}
+    name, weights, overrides, trust_remote_code = text, None, {}, False
     cut = min((i for i in (text.find("?"), text.find("=")) if i >= 0), default=-1)
     if cut >= 0:
         name, marker, rest = text[:cut], text[cut], text[cut + 1 :]
@@ -335,12 +351,19 @@ def parse_teacher_spec(text: str) -> TeacherSpec:
                     raise UnknownTeacherError(f"teacher spec {text!r}: option {item!r} is not key=value")
                 if key == "weights":
                     weights = value
+                elif key == "trust_remote_code":
+                    if value.lower() not in ("true", "1", "yes", "false", "0", "no"):
+                        raise UnknownTeacherError(
+                            f"teacher spec {text!r}: trust_remote_code must be true or false, got {value!r}"
+                        )
+                    trust_remote_code = value.lower() in ("true", "1", "yes")
                 elif key not in CARD_FIELDS or key in ("alias", "source", "model_id"):
                     allowed = [f for f in CARD_FIELDS if f not in ("alias", "source", "model_id")]
                     close = difflib.get_close_matches(key, allowed, n=1)
                     hint = f" (did you mean {close[0]!r}?)" if close else ""
                     raise UnknownTeacherError(
-                        f"teacher spec {text!r}: unknown option {key!r}{hint}; options: weights, {', '.join(allowed)}"
+                        f"teacher spec {text!r}: unknown option {key!r}{hint}; options: weights, trust_remote_code, "
+                        f"{', '.join(allowed)}"
                     )
                 else:
                     overrides[key] = value
@@ -369,25 +392,31 @@ def parse_teacher_spec(text: str) -> TeacherSpec:
         target=target,
         weights=Path(weights).expanduser() if weights else None,
         overrides=overrides,
+        trust_remote_code=trust_remote_code,
     )
+
+
+def convert_overrides(overrides: dict[str, str], *, origin: str) -> dict[str, object]:
+    """Spec overrides (strings) -> card field values of the right type (lists comma-separated)."""
+    out: dict[str, object] = {}
+    for key, value in overrides.items():
+        kind = _FIELD_KINDS[key]
+        try:
+            if kind[0] in ("tuple",):
+                out[key] = [v for v in value.split(",") if v]
+            elif kind[0] == "floats":
+                out[key] = [float(v) for v in value.split(",")]
+            elif int in kind:
+                out[key] = None if value.lower() in ("none", "") and None in kind else int(value)
+            else:
+                out[key] = None if value.lower() == "none" and None in kind else value
+        except ValueError:
+            raise RegistryError(f"{origin}: option {key}={value!r} is not a valid {key}") from None
+    return out
 
 
 def apply_overrides(card: TeacherCard, overrides: dict[str, str], *, origin: str) -> TeacherCard:
     """Return `card` with string overrides from a spec converted to the fields' types and re-validated."""
     if not overrides:
         return card
-    raw = card.to_dict()
-    for key, value in overrides.items():
-        kind = _FIELD_KINDS[key]
-        try:
-            if kind[0] in ("tuple",):
-                raw[key] = [v for v in value.split(",") if v]
-            elif kind[0] == "floats":
-                raw[key] = [float(v) for v in value.split(",")]
-            elif int in kind:
-                raw[key] = None if value.lower() in ("none", "") and None in kind else int(value)
-            else:
-                raw[key] = None if value.lower() == "none" and None in kind else value
-        except ValueError:
-            raise RegistryError(f"{origin}: option {key}={value!r} is not a valid {key}") from None
-    return _card_from_raw(raw, origin=origin)
+    return _card_from_raw({**card.to_dict(), **convert_overrides(overrides, origin=origin)}, origin=origin)

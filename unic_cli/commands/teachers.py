@@ -9,23 +9,48 @@ import click
 from unic_cli.cli import registry_option
 
 
+def _model_name(card) -> str:
+    if card.pretrained_tag and card.source == "timm":
+        return f"{card.model_id}.{card.pretrained_tag}"
+    if card.pretrained_tag:
+        return f"{card.model_id}{'@' if card.source == 'hf' else '/'}{card.pretrained_tag}"
+    return card.model_id
+
+
+def _widths(card) -> str:
+    if not card.has_summary:
+        return f"-/{card.patch_dim}"
+    return f"{card.summary_dim}/{card.patch_dim}"
+
+
 def _table(cards) -> None:
+    from rich import box
     from rich.table import Table
+
+    from rich.console import Console
 
     from unic_cli.console import console
 
-    table = Table(title=f"unic teachers ({len(cards)} cards)", header_style="bold", show_lines=False)
-    for col in ("alias", "source", "model id", "input", "patch", "widths (sum/patch)", "reg", "summary", "licence"):
-        table.add_column(col, overflow="fold")
+    if not console.is_terminal:  # a pipe or a CI log has no width: unwrapped rows, so `| grep dinov2` works
+        console = Console(width=160, highlight=False, file=console.file)
+    table = Table(title=f"{len(cards)} teacher cards", box=box.SIMPLE_HEAD, header_style="bold", pad_edge=False,
+                  caption="patch: patch size, or a ConvNet's feature stride (s); dims: summary/patch widths; reg: "
+                          "register tokens (dropped);\nsum: class token or the model's pooling.  `unic teachers show "
+                          "ALIAS` shows one card and its grid; `--json` for scripts.",
+                  caption_justify="left")
+    table.add_column("alias", style="bold cyan", no_wrap=True)
+    table.add_column("source", no_wrap=True)
+    table.add_column("model", overflow="fold")
+    table.add_column("px", justify="right", no_wrap=True)
+    table.add_column("patch", justify="right", no_wrap=True)
+    table.add_column("dims s/p", justify="right", no_wrap=True)
+    table.add_column("reg", justify="right", no_wrap=True)
+    table.add_column("sum", no_wrap=True)
+    table.add_column("licence", overflow="fold")
     for card in cards:
-        model = card.model_id + (f".{card.pretrained_tag}" if card.source == "timm" and card.pretrained_tag else "")
-        if card.source == "open_clip" and card.pretrained_tag:
-            model += f" / {card.pretrained_tag}"
-        widths = f"{card.summary_dim if card.has_summary else '-'}/{card.patch_dim}"
-        summary = card.summary_from if card.has_summary else "-"
-        patch = f"{card.patch_size}" + (" (stride)" if card.family == "convnet" else "")
-        table.add_row(card.alias, card.source, model, str(card.image_size), patch, widths,
-                      str(card.num_register_tokens), summary, card.license)
+        patch = f"{card.patch_size}" + ("s" if card.family == "convnet" else "")
+        table.add_row(card.alias, card.source, _model_name(card), str(card.image_size), patch, _widths(card),
+                      str(card.num_register_tokens), card.summary_from if card.has_summary else "-", card.license)
     console.print(table)
 
 
@@ -86,8 +111,8 @@ def show(spec: str, image_size: int, patch_size: int, as_json: bool) -> None:
         "student": {"image_size": image_size, "patch_size": patch_size, "grid": list(grid)},
         "teacher_input_size": list(input_size),
         "teacher_native_grid": list(card.native_grid),
-        "patch_tokens_resampled": card.family == "convnet" or tuple(input_size) != tuple(
-            s * card.patch_size for s in grid),
+        "teacher_feature_grid": list(card.grid_for(input_size)),
+        "patch_tokens_resampled": tuple(card.grid_for(input_size)) != grid,
     }
     if as_json:
         click.echo(json.dumps({"card": card.to_dict(), "resolved": resolved}, indent=2))
@@ -103,7 +128,51 @@ def show(spec: str, image_size: int, patch_size: int, as_json: bool) -> None:
         if value not in (None, ""):
             table.add_row(key, str(value))
     ih, iw = input_size
-    how = "feature map resized to the student grid" if card.family == "convnet" else "grids match exactly"
+    fh, fw = card.grid_for(input_size)
+    how = f"{fh}x{fw} feature map resized to the student grid" if (fh, fw) != grid else "grids match exactly"
     table.add_row("for the student", f"{image_size} px / patch {patch_size} -> grid {grid[0]}x{grid[1]}")
     table.add_row("teacher input", f"{ih}x{iw} px ({how})")
     console.print(table)
+
+
+@teachers.command()
+@click.argument("spec")
+@click.option("--image-size", type=click.IntRange(min=1), default=224, show_default=True,
+              help="The student's input size, which sets this teacher's input size and grid.")
+@click.option("--patch-size", type=click.IntRange(min=1), default=16, show_default=True,
+              help="The student's patch size.")
+@click.option("--random-init", is_flag=True, help="Build the architecture without loading weights.")
+@click.option("--device", default="cpu", show_default=True, help="Where to run the check (cpu, cuda, cuda:1).")
+@click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
+@registry_option
+def check(spec: str, image_size: int, patch_size: int, random_init: bool, device: str, as_json: bool) -> None:
+    """Load one teacher (weights included) and run a blank batch through it.
+
+    Use it before a long run: it downloads or reads the weights, checks them against the architecture, and
+    prints the token shapes on the student's grid.
+
+    \b
+    Example:
+      unic teachers check dinov2_s
+      unic teachers check 'dinov2_g=/weights/dinov2_vitg14.safetensors' --image-size 224 --patch-size 14
+    """
+    from unic_cli.errors import ConfigError
+
+    if image_size % patch_size:
+        raise ConfigError(f"--image-size {image_size} is not a multiple of --patch-size {patch_size}")
+    from unic_cli.teachers import check_teacher  # imports torch
+
+    grid = (image_size // patch_size, image_size // patch_size)
+    report = check_teacher(spec, grid=grid, pretrained=not random_init, device=device)
+    if as_json:
+        click.echo(json.dumps(report, indent=2))
+        return
+    from unic_cli.console import console
+
+    shapes = report["tokens"]
+    console.print(
+        f"[bold]{report['card']['alias']}[/] ok: input {report['input_size'][0]}x{report['input_size'][1]} px, "
+        f"grid {grid[0]}x{grid[1]}, summary {shapes['summary']}, patch {shapes['patch']} ({report['dtype']}), "
+        f"{report['num_parameters'] / 1e6:.1f}M parameters; loaded in {report['load_seconds']:.1f} s, "
+        f"one batch in {report['forward_seconds']:.2f} s"
+    )

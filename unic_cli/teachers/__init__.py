@@ -11,7 +11,7 @@ import importlib
 from unic_cli.registry import TeacherCard, TeacherSpec, apply_overrides, get_card, parse_teacher_spec
 from unic_cli.teachers.base import Teacher, TeacherTokens
 
-__all__ = ["Teacher", "TeacherTokens", "load_teacher", "resolve_card"]
+__all__ = ["Teacher", "TeacherTokens", "check_teacher", "load_teacher", "resolve_card"]
 
 # source -> "module:function"; each function is (card, spec, *, pretrained) -> nn.Module implementing Backbone,
 # and each module also has card_from_spec(spec) -> TeacherCard for explicit specs without a card.
@@ -56,3 +56,39 @@ def load_teacher(
     card = resolve_card(spec)
     backbone = _adapter(card.source).build_backbone(card, spec, pretrained=pretrained)
     return Teacher(card, backbone, grid=grid).to(device)
+
+
+def check_teacher(
+    spec: str | TeacherSpec,
+    *,
+    grid: tuple[int, int] | None = None,
+    pretrained: bool = True,
+    device: str = "cpu",
+    batch_size: int = 2,
+) -> dict:
+    """Load a teacher and run one batch of blank images through it: what `unic teachers check` reports.
+
+    Returns the card, the input size and grid, the token shapes and dtype, the parameter count, and the
+    seconds spent loading and running.
+    """
+    import time
+
+    import torch
+
+    start = time.perf_counter()
+    teacher = load_teacher(spec, grid=grid, pretrained=pretrained, device=device)
+    loaded = time.perf_counter()
+    images_BCHW = torch.zeros(batch_size, 3, *teacher.input_size, dtype=torch.uint8, device=device)
+    tokens = teacher(images_BCHW)
+    shapes = {"summary": None if tokens.summary_BD is None else list(tokens.summary_BD.shape),
+              "patch": list(tokens.patch_BND.shape)}
+    return {
+        "card": teacher.card.to_dict(),
+        "input_size": list(teacher.input_size),
+        "grid": list(teacher.grid),
+        "tokens": shapes,
+        "dtype": str(tokens.patch_BND.dtype).removeprefix("torch."),
+        "num_parameters": sum(p.numel() for p in teacher.parameters()),
+        "load_seconds": round(loaded - start, 3),
+        "forward_seconds": round(time.perf_counter() - loaded, 3),
+    }

