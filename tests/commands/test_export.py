@@ -1,0 +1,57 @@
+"""`unic export` end to end (a real subprocess) and its error paths (exit 2, one message, no traceback)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+from click.testing import CliRunner
+
+from unic_cli.cli import unic
+
+
+def test_export__cli_writes_a_loadable_folder(tmp_path, make_unic_checkpoint):
+    run = make_unic_checkpoint().parent.parent
+    out = tmp_path / "student"
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    result = subprocess.run([sys.executable, "-m", "unic_cli", "export", str(run), "--out", str(out),
+                             "--keep-heads", "tiny_nc"], capture_output=True, text=True, env=env, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert "local-dir:" in result.stdout and "Traceback" not in result.stderr
+    assert json.loads((out / "unic.json").read_text())["heads"]["teachers"] == ["tiny_nc"]
+
+
+@pytest.mark.parametrize(
+    ("case", "message"),
+    [
+        ("missing", "does not exist"),
+        ("random_pt", "is not a unic checkpoint"),
+        ("out_exists", "already exists; pass --overwrite"),
+        ("bad_alias", "Did you mean 'tiny_nc'"),
+    ],
+)
+def test_export__bad_input_is_one_message_and_exit_2(tmp_path, make_unic_checkpoint, case, message):
+    import torch
+
+    source, out, extra = make_unic_checkpoint(), tmp_path / "out", []
+    if case == "missing":
+        source = tmp_path / "nope"
+    elif case == "random_pt":
+        source = tmp_path / "random.pt"
+        torch.save({"state_dict": {"w": torch.zeros(3)}}, source)
+    elif case == "out_exists":
+        out.mkdir()
+        (out / "something.txt").write_text("keep me")
+    else:
+        extra = ["--keep-heads", "tiny_n"]
+    result = CliRunner().invoke(unic, ["export", str(source), "--out", str(out), *extra])
+    assert result.exit_code == 2, result.output
+    assert message in result.output and "Traceback" not in result.output
+    assert result.output.count("Error") == 1
+    if case == "out_exists":
+        assert (out / "something.txt").read_text() == "keep me"
+    else:
+        assert not out.exists()

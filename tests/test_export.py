@@ -1,0 +1,337 @@
+"""Export: projector-free folder, timm/HF round trips, kept heads, provenance, bad inputs."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+from safetensors import safe_open
+
+from unic_cli import export as export_mod
+from unic_cli.errors import CheckpointError, ExportError, ExportVerificationError
+from unic_cli.export import export_student, load_student
+
+
+def _checkpoint_student(ckpt_path):
+    """The training-side view of the checkpoint's student: unic_cli.student.Student over its timm model."""
+    import timm
+
+    from unic_cli.student import Student
+
+    ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=True)
+    s = ckpt["student"]
+    model = timm.create_model(s["name"], pretrained=False, **s["model_args"])
+    model.load_state_dict(s["state_dict"])
+    return Student(model.eval(), name=s["name"], model_args=s["model_args"]), ckpt
+
+
+def _images(size: int, n: int = 3, seed: int = 1) -> torch.Tensor:
+    return torch.randint(0, 256, (n, 3, size, size), dtype=torch.uint8, generator=torch.Generator().manual_seed(seed))
+
+
+def _split(student, tokens_BLD):
+    """forward_features output -> (summary_BD, patch_BND) with the training student's semantics."""
+    patch_BND = tokens_BLD[:, student.num_prefix_tokens:]
+    summary_BD = tokens_BLD[:, 0] if student.has_cls_token else patch_BND.mean(dim=1)
+    return summary_BD, patch_BND
+
+
+@pytest.fixture
+def exported(tmp_path, make_unic_checkpoint):
+    ckpt = make_unic_checkpoint()
+    out = export_student(ckpt.parent.parent, tmp_path / "student", keep_heads=("tiny_a", "tiny_nc"))
+    return ckpt, out
+
+
+def test_export_student__writes_only_encoder_weights_and_is_smaller(exported):
+    ckpt_path, out = exported
+    ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=True)
+    with safe_open(out / "model.safetensors", framework="pt") as f:
+        keys = sorted(f.keys())
+    assert keys == sorted(ckpt["student"]["state_dict"])  # the timm encoder's keys, nothing else
+    assert not [k for k in keys if k.startswith(("heads", "ladder", "standardizers", "optimizer", "head."))]
+    assert (out / "model.safetensors").stat().st_size < ckpt_path.stat().st_size
+    assert sorted(p.name for p in out.iterdir()) == [
+        "README.md", "config.json", "heads.safetensors", "model.safetensors", "unic.json"]
+
+
+def test_export_student__timm_config_layout(exported):
+    _, out = exported
+    config = json.loads((out / "config.json").read_text())
+    assert config["architecture"] == "test_vit" and config["num_classes"] == 0 and config["num_features"] == 64
+    assert config["model_args"]["img_size"] == 64 and "num_classes" not in config["model_args"]
+    assert not [k for k in config["model_args"] if "drop" in k]
+    cfg = config["pretrained_cfg"]
+    assert cfg["input_size"] == [3, 64, 64] and cfg["mean"] == [0.5] * 3 and cfg["std"] == [0.5] * 3
+    assert cfg["interpolation"] == "bicubic" and cfg["crop_pct"] == 1.0 and cfg["crop_mode"] == "center"
+
+
+@pytest.mark.parametrize("student", ["test_vit", "test_vit2"])  # test_vit2: registers, no class token
+def test_export_student__timm_local_dir_reproduces_checkpoint_tokens(tmp_path, make_unic_checkpoint, student):
+    import timm
+    from timm.data import create_transform, resolve_data_config
+
+    ckpt_path = make_unic_checkpoint(student=student, blocks=(5,))
+    out = export_student(ckpt_path, tmp_path / "student")
+    trained, _ = _checkpoint_student(ckpt_path)
+    loaded = timm.create_model(f"local-dir:{out}", pretrained=True).eval()
+    x = trained.normalize(_images(64))
+    with torch.no_grad():
+        [(want_summary, want_patch)] = trained(x, blocks=[trained.num_blocks - 1])
+        got_summary, got_patch = _split(trained, loaded.forward_features(x))
+    assert (want_summary - got_summary).abs().max() < 1e-5 and (want_patch - got_patch).abs().max() < 1e-5
+    assert loaded.num_classes == 0 and loaded.num_reg_tokens == trained.model.num_reg_tokens
+
+    data = resolve_data_config({}, model=loaded)
+    assert tuple(data["input_size"]) == (3, 64, 64) and tuple(data["mean"]) == trained.mean
+    assert data["interpolation"] == "bicubic" and data["crop_pct"] == 1.0
+    assert "Resize(size=64" in str(create_transform(**data))
+
+    fresh = timm.create_model(f"local-dir:{out}", pretrained=True, num_classes=5)
+    assert fresh.head.out_features == 5
+    assert torch.equal(fresh.patch_embed.proj.weight, loaded.patch_embed.proj.weight)
+
+
+def test_export_student__hf_automodel_reproduces_checkpoint_tokens(exported):
+    from transformers import AutoModel
+
+    ckpt_path, out = exported
+    trained, _ = _checkpoint_student(ckpt_path)
+    hf_model = AutoModel.from_pretrained(str(out)).eval()
+    assert type(hf_model).__name__ == "TimmWrapperModel"
+    x = trained.normalize(_images(64))
+    with torch.no_grad():
+        [(want_summary, want_patch)] = trained(x, blocks=[trained.num_blocks - 1])
+        got_summary, got_patch = _split(trained, hf_model(pixel_values=x).last_hidden_state)
+    assert (want_summary - got_summary).abs().max() < 1e-5 and (want_patch - got_patch).abs().max() < 1e-5
+
+
+@pytest.mark.parametrize("shared_heads", [False, True])
+def test_load_student__heads_equal_the_ladder_unstandardised(tmp_path, make_unic_checkpoint, shared_heads):
+    from unic_cli.ladder import LadderProjector
+
+    ckpt_path = make_unic_checkpoint(shared_heads=shared_heads)
+    keep = ("tiny_a", "tiny_nc")
+    student = load_student(export_student(ckpt_path, tmp_path / "student", keep_heads=keep))
+    trained, ckpt = _checkpoint_student(ckpt_path)
+    meta = ckpt["ladder_meta"]
+    dims = [(c["summary_dim"] if "summary" in c["tokens"] else None, c["patch_dim"]) for c in ckpt["teachers"]]
+    ladder = LadderProjector(in_dim=64, teacher_dims=dims, blocks=meta["blocks"], num_blocks=6,
+                             shared_heads=meta["shared_heads"], hidden_dim=meta["hidden_dim"],
+                             last_hidden_dim=meta["last_hidden_dim"])
+    ladder.load_state_dict(ckpt["ladder"])
+    images = _images(64)
+    with torch.no_grad():
+        preds = ladder(trained(trained.normalize(images), blocks=meta["blocks"]))
+    assert set(student.heads) == set(keep)
+    for i, alias in enumerate(keep):
+        got = student.heads[alias](images)
+        for kind in ("summary", "patch"):
+            if kind not in preds[i]:
+                assert getattr(got, f"{kind}_{'BD' if kind == 'summary' else 'BND'}") is None
+                continue
+            mean_D = ckpt["standardizers"][f"t{i}.{kind}.mean_D"]
+            var_D = ckpt["standardizers"][f"t{i}.{kind}.var_D"]
+            want = preds[i][kind] * torch.sqrt(var_D + meta["std_eps"]) + mean_D
+            have = got.summary_BD if kind == "summary" else got.patch_BND
+            assert (want - have).abs().max() < 1e-4
+
+
+def test_load_student__transform_encode_and_card(exported):
+    from PIL import Image
+
+    _, out = exported
+    student = load_student(out)
+    image = Image.fromarray(_images(100, n=1)[0].permute(1, 2, 0).numpy())
+    x = student.transform(image)[None]
+    assert x.shape == (1, 3, 64, 64)
+    summary_BD, patch_BND = student.encode(x)
+    assert summary_BD.shape == (1, 64) and patch_BND.shape == (1, 16, 64)
+    assert student.encode(_images(64))[1].shape == (3, 16, 64)  # uint8 is normalised inside
+    assert student.card["step"] == 7 and [t["alias"] for t in student.card["teachers"]] == ["tiny_a", "tiny_nc"]
+
+
+def test_export_student__provenance_and_model_card(tmp_path, make_unic_checkpoint):
+    ckpt_path = make_unic_checkpoint()
+    run = ckpt_path.parent.parent
+    (run / "probe.json").write_text(json.dumps([{"model": "student", "task": "knn", "top1": 0.8125}]))
+    out = export_student(run, tmp_path / "student")
+    info = json.loads((out / "unic.json").read_text())
+    assert info["license"]["non_commercial"] is True and info["license"]["non_commercial_teachers"] == ["tiny_nc"]
+    assert info["license"]["licenses"] == ["apache-2.0", "cc-by-nc-4.0"]
+    assert [(t["alias"], t["model_id"], t["spec"]) for t in info["teachers"]] == [
+        ("tiny_a", "test_vit", "tiny_a"), ("tiny_nc", "test_vit", "tiny_nc")]
+    assert info["step"] == 7 and info["config"]["lr"] == 1e-3 and info["unic_version"]
+    assert len(info["source_checkpoint"]["sha256"]) == 64 and info["verification"]["max_abs_diff"] <= 1e-5
+    assert info["heads"] is None
+    card = (out / "README.md").read_text()
+    assert "NON-COMMERCIAL" in card and 'timm.create_model("local-dir:' in card and "AutoModel" in card
+    assert "| student | knn | 0.8125 |" in card and "| tiny_nc | timm | test_vit | cc-by-nc-4.0 |" in card
+
+
+def test_licence_summary__commercial_teachers_only():
+    cards = [{"alias": "a", "license": "apache-2.0"}, {"alias": "b", "license": "mit"}]
+    assert export_mod._licence_summary(cards)["non_commercial"] is False
+    assert export_mod._licence_summary([{"alias": "c", "license": "CC-BY-NC-SA-4.0"}])["non_commercial"] is True
+
+
+def test_export_student__run_folder_takes_the_latest_step(tmp_path, make_unic_checkpoint):
+    ckpts = tmp_path / "run" / "checkpoints"
+    make_unic_checkpoint(ckpts / "step_0000003.pt")
+    make_unic_checkpoint(ckpts / "step_0000012.pt", seed=1)
+    assert export_mod.find_checkpoint(tmp_path / "run") == ckpts / "step_0000012.pt"
+    out = export_student(ckpts / "step_0000003.pt", tmp_path / "early")  # an intermediate checkpoint
+    assert json.loads((out / "unic.json").read_text())["source_checkpoint"]["path"].endswith("step_0000003.pt")
+
+
+def test_export_student__refuses_to_overwrite_unless_asked(exported):
+    ckpt_path, out = exported
+    with pytest.raises(ExportError, match="already exists; pass --overwrite"):
+        export_student(ckpt_path, out)
+    export_student(ckpt_path, out, overwrite=True)
+    assert not (out / "heads.safetensors").exists()  # replaced, not merged
+    with pytest.raises(ExportError, match="not a unic export"):
+        export_student(ckpt_path, ckpt_path.parent, overwrite=True)  # never deletes an unrelated folder
+
+
+@pytest.mark.parametrize("kind", ["missing", "random_pt", "text", "folder_without_checkpoint"])
+def test_export_student__bad_source_is_a_clear_checkpoint_error(tmp_path, kind):
+    source = tmp_path / "x.pt"
+    if kind == "random_pt":
+        torch.save({"model": torch.zeros(2)}, source)
+    elif kind == "text":
+        source.write_text("hello")
+    elif kind == "folder_without_checkpoint":
+        source = tmp_path / "run"
+        source.mkdir()
+    with pytest.raises(CheckpointError) as err:
+        export_student(source, tmp_path / "out")
+    assert str(source) in str(err.value) and err.value.exit_code == 2
+    assert not (tmp_path / "out").exists()
+
+
+def test_export_student__unknown_keep_heads_alias_suggests_close_names(tmp_path, make_unic_checkpoint):
+    with pytest.raises(ExportError, match="Did you mean 'tiny_a'"):
+        export_student(make_unic_checkpoint(), tmp_path / "out", keep_heads=("tiny_aa",))
+    assert not (tmp_path / "out").exists()
+
+
+def test_export_student__failed_verification_writes_nothing(tmp_path, make_unic_checkpoint, monkeypatch):
+    monkeypatch.setattr(export_mod, "VERIFY_ATOL", -1.0)  # no difference can pass: the failure path runs
+    with pytest.raises(ExportVerificationError, match="does not reproduce") as err:
+        export_student(make_unic_checkpoint(), tmp_path / "out")
+    assert err.value.exit_code == 1 and list(tmp_path.glob("*out*")) == []
+
+
+def test_unic_cli__public_api_is_lazy():
+    code = ("import sys, unic_cli; assert 'torch' not in sys.modules; "
+            "from unic_cli import export_student, load_student; print(callable(load_student))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "True"
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# A real short CPU distillation (two tiny random timm teachers, real images) -> export -> reload.
+
+_TINY_CARD = """source = "timm"
+model_id = "test_vit"
+image_size = 64
+patch_size = 16
+summary_dim = 64
+patch_dim = 64
+mean = [0.5, 0.5, 0.5]
+std = [0.5, 0.5, 0.5]
+license = "{license}"
+"""
+
+
+@pytest.fixture(scope="module")
+def real_run(tmp_path_factory, shared_data):
+    """40 distill steps of test_vit at 64 px from two random test_vit teachers, on hymenoptera/train.
+
+    Yields (run folder, export folder, the training's teachers rebuilt exactly). The teachers are random
+    inits, so they are rebuilt by replaying `distill.run`'s seeded construction order; a wrong rebuild would
+    show as a cosine distance near 1 in the held-out test below.
+    """
+    from unic_cli import registry
+    from unic_cli.config import DistillConfig
+    from unic_cli.data import build_train_loader
+    from unic_cli.distill import run
+    from unic_cli.plan import build_teachers
+    from unic_cli.student import build_student
+
+    root = tmp_path_factory.mktemp("real_run")
+    cards = root / "cards"
+    cards.mkdir()
+    (cards / "xtiny_a.toml").write_text(_TINY_CARD.format(license="apache-2.0"))
+    (cards / "xtiny_nc.toml").write_text(_TINY_CARD.format(license="cc-by-nc-4.0"))
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(registry, "_user_dirs", [cards])  # session-global registry state: restored on exit
+        registry.all_cards.cache_clear()
+        config = DistillConfig.from_sources(None, {
+            "teachers": ("xtiny_a", "xtiny_nc"), "data_dir": shared_data / "hymenoptera" / "train",
+            "out_dir": root / "run", "student": "test_vit", "image_size": 64, "batch_size": 16, "steps": 40,
+            "base_lr": 3e-3, "drop_path_rate": 0.0, "teacher_drop_prob": 0.0, "num_workers": 0, "device": "cpu",
+            "random_init_teachers": True, "log_every": 10, "checkpoint_every": 20})
+        run(config)
+        torch.manual_seed(config.seed)  # replay run(): seed, loader, student, then teachers
+        build_train_loader(config.data_dir, image_size=config.image_size, batch_size=config.batch_size,
+                           num_workers=config.num_workers, seed=config.seed, augment=config.augment)
+        student = build_student(config.student, image_size=config.image_size, drop_path_rate=config.drop_path_rate)
+        teachers = build_teachers(config, student.grid, "cpu")
+        out = export_student(config.out_dir, root / "student", keep_heads=("xtiny_a", "xtiny_nc"))
+        yield config.out_dir, out, teachers
+    registry.all_cards.cache_clear()
+
+
+def _heldout_images(shared_data, n: int = 32) -> torch.Tensor:
+    import numpy as np
+    from PIL import Image
+
+    files = sorted((shared_data / "hymenoptera" / "val").rglob("*.jp*g"))[:n]
+    arrays = [np.array(Image.open(f).convert("RGB").resize((64, 64), Image.BICUBIC)) for f in files]
+    return torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).contiguous()
+
+
+@pytest.mark.slow  # about 8 s on 2 idle cores (a 40-step distillation); run with -m slow
+def test_export_student__real_run_round_trips_through_timm_and_transformers(real_run, shared_data):
+    import timm
+    from transformers import AutoModel
+
+    run_dir, out, _ = real_run
+    trained, ckpt = _checkpoint_student(run_dir / "checkpoints" / "last.pt")
+    assert ckpt["step"] == 40
+    x = trained.normalize(_heldout_images(shared_data, n=4))
+    with torch.no_grad():
+        [(want_summary, want_patch)] = trained(x, blocks=[trained.num_blocks - 1])
+        for tokens_BLD in (timm.create_model(f"local-dir:{out}", pretrained=True).eval().forward_features(x),
+                           AutoModel.from_pretrained(str(out)).eval()(pixel_values=x).last_hidden_state):
+            got_summary, got_patch = _split(trained, tokens_BLD)
+            assert (want_summary - got_summary).abs().max() < 1e-5
+            assert (want_patch - got_patch).abs().max() < 1e-5
+    with safe_open(out / "model.safetensors", framework="pt") as f:
+        assert sorted(f.keys()) == sorted(trained.model.state_dict())
+    assert (out / "model.safetensors").stat().st_size < (run_dir / "checkpoints" / "last.pt").stat().st_size
+
+
+@pytest.mark.slow  # about 8 s on 2 idle cores (a 40-step distillation); run with -m slow
+def test_load_student__real_heads_match_training_cosine_on_heldout_images(real_run, shared_data):
+    run_dir, out, teachers = real_run
+    student = load_student(out)
+    reported = student.card["last_metrics"]["teachers"]
+    images = _heldout_images(shared_data)
+    for i, alias in enumerate(("xtiny_a", "xtiny_nc")):
+        head = student.heads[alias]
+        pred, target = head(images), teachers[i](images)
+        pairs = (("summary", pred.summary_BD, target.summary_BD), ("patch", pred.patch_BND, target.patch_BND))
+        for kind, p, t in pairs:
+            # Training reports 1 - cos between the prediction and the standardised target; the head returns
+            # un-standardised features, so standardise both with the exported statistics to compare like for like.
+            mean_D, var_D = getattr(head, f"{kind}_mean_D"), getattr(head, f"{kind}_var_D")
+            std = lambda y: (y - mean_D) / torch.sqrt(var_D + head.eps)  # noqa: E731
+            heldout = 1 - torch.nn.functional.cosine_similarity(std(p), std(t), dim=-1).mean().item()
+            assert abs(heldout - reported[f"t{i}"][f"{kind}_cos"]) < 0.08, (alias, kind, heldout, reported)
+            assert heldout < 0.6  # far from a random mapping (about 1)

@@ -1,0 +1,104 @@
+"""save/load unic checkpoints: atomic, plain types only (`torch.load(weights_only=True)`), with RNG states.
+
+Layout of a run folder: `checkpoints/step_XXXXXXX.pt` plus `checkpoints/last.pt` (a hard link to, or copy of,
+the newest). The payload's keys are the contract in notes/INTERFACES.md that `unic export` reads.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+from pathlib import Path
+
+import torch
+
+from unic_cli.errors import CheckpointError
+
+log = logging.getLogger("unic_cli")
+
+FORMAT = "unic-checkpoint"
+FORMAT_VERSION = 1
+LAST = "last.pt"
+
+
+def checkpoint_dir(run_dir: Path) -> Path:
+    return Path(run_dir) / "checkpoints"
+
+
+def _atomic_torch_save(obj: dict, path: Path) -> None:
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    with open(tmp, "wb") as f:
+        torch.save(obj, f)
+        f.flush()
+        os.fsync(f.fileno())  # the rename must never expose a half-written file after a crash
+    os.replace(tmp, path)
+
+
+def save_checkpoint(payload: dict, run_dir: Path, *, keep: int = 0) -> Path:
+    """Write `checkpoints/step_XXXXXXX.pt` atomically, point `last.pt` at it, keep the newest `keep` (0: all)."""
+    folder = checkpoint_dir(run_dir)
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / f"step_{payload['step']:07d}.pt"
+    _atomic_torch_save(payload, path)
+    tmp_last = folder / f".{LAST}.tmp{os.getpid()}"
+    tmp_last.unlink(missing_ok=True)
+    try:
+        os.link(path, tmp_last)  # no second copy on disk when the filesystem allows hard links
+    except OSError:
+        shutil.copyfile(path, tmp_last)
+    os.replace(tmp_last, folder / LAST)
+    if keep > 0:
+        for old in sorted(folder.glob("step_*.pt"))[:-keep]:
+            old.unlink()
+    return path
+
+
+def find_checkpoint(path: Path) -> Path | None:
+    """A checkpoint file, or a run folder / its checkpoints folder -> the newest checkpoint (None if none)."""
+    path = Path(path)
+    if path.is_file():
+        return path
+    for folder in (checkpoint_dir(path), path):
+        if (folder / LAST).is_file():
+            return folder / LAST
+        steps = sorted(folder.glob("step_*.pt")) if folder.is_dir() else []
+        if steps:
+            return steps[-1]
+    return None
+
+
+def load_checkpoint(path: Path, *, map_location: str | torch.device = "cpu") -> dict:
+    """Load a unic checkpoint (file or run folder) with `weights_only=True`, checking its format."""
+    found = find_checkpoint(path)
+    if found is None:
+        raise CheckpointError(f"no unic checkpoint at {str(path)!r} (looked for checkpoints/{LAST} and step_*.pt)")
+    try:
+        ckpt = torch.load(found, map_location=map_location, weights_only=True)
+    except Exception as err:  # torch raises many types for a corrupt or foreign file; all mean "unreadable"
+        raise CheckpointError(f"{str(found)!r} is not a readable checkpoint: {err}") from None
+    if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT:
+        raise CheckpointError(f"{str(found)!r} is not a `unic distill` checkpoint (no format={FORMAT!r})")
+    if ckpt.get("format_version", 0) > FORMAT_VERSION:
+        raise CheckpointError(f"{str(found)!r} has format version {ckpt['format_version']}; this unic reads "
+                              f"up to {FORMAT_VERSION}; upgrade unic-cli")
+    ckpt["path"] = str(found)
+    return ckpt
+
+
+def rng_states(generator: torch.Generator | None) -> dict:
+    """Every random state the loop consumes: torch CPU, CUDA devices, and the teacher-drop generator."""
+    state = {"torch": torch.get_rng_state()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    if generator is not None:
+        state["teacher_drop"] = generator.get_state()
+    return state
+
+
+def restore_rng_states(state: dict, generator: torch.Generator | None) -> None:
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+    if generator is not None and "teacher_drop" in state:
+        generator.set_state(state["teacher_drop"])

@@ -1,0 +1,179 @@
+"""DistillModel (student + ladder + standardisers), module building, and the `--dry-run` plan.
+
+Shape legend: B batch, C channels, H/W pixels, N patch tokens, D student width, E a teacher's width, T teachers.
+
+`build_teachers` and `build_model` are shared by the real run and by `plan_distillation`, which builds the same
+modules on the meta device (no weights, no memory) to report shapes, parameter counts, FLOPs per image and a
+peak-memory estimate. `describe` gives both the same dict, so a dry run can be checked against a real run.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+
+import torch
+from torch import nn
+
+from unic_cli.config import DistillConfig
+from unic_cli.ladder import LadderProjector, parse_ladder_blocks
+from unic_cli.losses import TeacherLosses, teacher_losses
+from unic_cli.standardize import TeacherStandardizers
+from unic_cli.student import Student, build_student
+
+log = logging.getLogger("unic_cli")
+
+
+class DistillModel(nn.Module):
+    """Everything trainable (student + ladder) plus the standardisation buffers, in one module for DDP."""
+
+    def __init__(self, student: Student, ladder: LadderProjector, standardizers: TeacherStandardizers | None) -> None:
+        super().__init__()
+        self.student, self.ladder, self.standardizers = student, ladder, standardizers
+
+    def forward(self, images_BCHW: torch.Tensor, targets: Sequence, momentum: float | None) -> TeacherLosses:
+        """uint8 images and each teacher's TeacherTokens -> per-teacher losses (standardising targets first).
+
+        `momentum` is this step's EMA momentum (None freezes the statistics).
+        """
+        x = self.student.normalize(images_BCHW)
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=x.is_cuda):  # fp32 on CPU
+            preds = self.ladder(self.student(x, self.ladder.blocks))
+        standardized = []
+        for i, tokens in enumerate(targets):
+            kinds = {"patch": tokens.patch_BND}
+            if tokens.summary_BD is not None:
+                kinds["summary"] = tokens.summary_BD
+            if self.standardizers is not None:
+                kinds = {k: self.standardizers(i, k, y, momentum) for k, y in kinds.items()}
+            standardized.append(kinds)
+        return teacher_losses(preds, standardized)
+
+
+def teacher_dims(teachers) -> list[tuple[int | None, int]]:
+    return [(t.card.summary_dim if t.card.has_summary else None, t.card.patch_dim) for t in teachers]
+
+
+def build_teachers(config: DistillConfig, grid: tuple[int, int], device: str | torch.device) -> list[nn.Module]:
+    """Every teacher, frozen, at the student's grid; random weights on the meta device or when asked."""
+    from unic_cli.teachers import load_teacher
+
+    pretrained = not config.random_init_teachers and str(device) != "meta"
+    return [load_teacher(spec, grid=grid, pretrained=pretrained, device=device) for spec in config.teachers]
+
+
+def build_model(config: DistillConfig, teachers: Sequence[nn.Module], student: Student) -> DistillModel:
+    blocks = parse_ladder_blocks(config.ladder_blocks, student.num_blocks)
+    dims = teacher_dims(teachers)
+    ladder = LadderProjector(
+        in_dim=student.embed_dim, teacher_dims=dims, blocks=blocks, num_blocks=student.num_blocks,
+        shared_heads=config.shared_heads, hidden_dim=config.ladder_hidden or student.embed_dim,
+        last_hidden_dim=config.ladder_last_hidden or 4 * student.embed_dim,
+    )
+    standardizers = TeacherStandardizers(dims, eps=config.std_eps) if config.standardize else None
+    return DistillModel(student, ladder, standardizers)
+
+
+def ladder_meta(config: DistillConfig, model: DistillModel) -> dict:
+    """The checkpoint's `ladder_meta` (INTERFACES.md)."""
+    first = next(iter(model.ladder.heads.values()))
+    heads = next(iter(first.values()))
+    last_block = model.student.num_blocks - 1
+    widths = {b: heads[f"b{b}"].fc1.out_features for b in model.ladder.blocks}
+    hidden = next((w for b, w in widths.items() if b != last_block), config.ladder_hidden or model.student.embed_dim)
+    return {"blocks": list(model.ladder.blocks), "shared_heads": model.ladder.shared_heads, "hidden_dim": hidden,
+            "last_hidden_dim": widths[last_block], "std_eps": config.std_eps, "standardize": config.standardize}
+
+
+def _num_params(module: nn.Module) -> int:
+    return sum(p.numel() for p in module.parameters())
+
+
+def describe(config: DistillConfig, model: DistillModel, teachers: Sequence[nn.Module]) -> dict:
+    """Shapes and parameter counts of a built run (real or meta): what `--dry-run` promises."""
+    s = model.student
+    return {
+        "student": {"name": s.name, "image_size": s.image_size, "patch_size": s.patch_size, "grid": list(s.grid),
+                    "embed_dim": s.embed_dim, "num_blocks": s.num_blocks, "num_params": _num_params(s)},
+        "teachers": [
+            {"spec": spec, "alias": t.card.alias, "source": t.card.source, "input_size": list(t.input_size),
+             "grid": list(t.grid), "native_grid": list(t.card.native_grid),
+             "summary_dim": t.card.summary_dim if t.card.has_summary else None, "patch_dim": t.card.patch_dim,
+             "num_params": _num_params(t)}
+            for spec, t in zip(config.teachers, teachers)
+        ],
+        "ladder": {**ladder_meta(config, model), "num_params": _num_params(model.ladder)},
+    }
+
+
+def _count_flops(fn) -> int:
+    from torch.utils.flop_counter import FlopCounterMode
+
+    counter = FlopCounterMode(display=False)
+    with counter:
+        fn()
+    return counter.get_total_flops()
+
+
+def _saved_activation_bytes(fn) -> int:
+    """Bytes autograd saves for backward during `fn()`: the activation memory of one training step."""
+    seen: dict[int, int] = {}
+    keep = []  # hold references so ids stay unique while counting
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        keep.append(t)
+        seen.setdefault(id(t), t.numel() * t.element_size())
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        fn()
+    return sum(seen.values())
+
+
+def plan_distillation(config: DistillConfig) -> dict:
+    """Validate everything and describe the run without loading any weights (`unic distill --dry-run`).
+
+    Returns `describe()`'s dict plus the data size and schedule, FLOPs per image (teachers forward, student
+    and ladder forward + backward) and a rough peak-memory estimate at the chosen batch size.
+    """
+    from unic_cli.data import build_train_loader
+    from unic_cli.distill import resolve_device, total_steps
+
+    device = resolve_device(config.device)
+    loader = build_train_loader(config.data_dir, image_size=config.image_size, batch_size=config.batch_size,
+                                num_workers=0, seed=config.seed, augment=config.augment)
+    with torch.device("meta"):
+        student = build_student(config.student, image_size=config.image_size, drop_path_rate=config.drop_path_rate)
+        teachers = build_teachers(config, student.grid, "meta")
+        model = build_model(config, teachers, student)
+    plan = describe(config, model, teachers)
+    num_steps, steps_per_epoch = total_steps(config, loader.steps_per_epoch)
+    plan["data"] = {"num_images": loader.num_images, "steps_per_epoch": steps_per_epoch, "total_steps": num_steps,
+                    "global_batch": config.batch_size * config.grad_accum_steps}
+    plan["device"] = str(device)
+
+    def step_fn(batch: int):
+        images = torch.empty(batch, 3, config.image_size, config.image_size, dtype=torch.uint8, device="meta")
+        targets = [t(torch.empty(batch, 3, *t.input_size, device="meta")) for t in teachers]
+        return lambda: model(images, targets, momentum=None).loss_TB.mean()
+
+    teacher_flops = [_count_flops(lambda t=t: t(torch.empty(1, 3, *t.input_size, device="meta"))) for t in teachers]
+    student_flops = _count_flops(step_fn(1))
+    plan["flops_per_image"] = {
+        "teachers": teacher_flops,
+        "student_and_ladder_forward": student_flops,
+        "train_step": sum(teacher_flops) + 3 * student_flops,  # backward ~ 2x forward
+    }
+    bf16 = device.type == "cuda"
+    activations = _saved_activation_bytes(step_fn(config.batch_size)) // (2 if bf16 else 1)
+    trainable = _num_params(model)
+    teacher_params = sum(_num_params(t) for t in teachers)
+    target_bytes = sum(config.batch_size * (t.grid[0] * t.grid[1] + 1) * t.card.patch_dim * 4 for t in teachers)
+    memory = {
+        "weights_grads_adam": 16 * trainable,  # fp32 weights, grads and two AdamW moments
+        "teachers": 4 * teacher_params,
+        "activations": activations,
+        "teacher_outputs": target_bytes,
+    }
+    plan["memory_bytes"] = {**memory, "peak_estimate": int(1.2 * sum(memory.values()))}  # 20% allocator slack
+    return plan

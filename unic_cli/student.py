@@ -1,0 +1,112 @@
+"""build_student(name, image_size) -> a timm ViT with per-block summary/patch taps.
+
+Shape legend: B batch, C channels, H/W pixels, N patch tokens, D student width, P prefix tokens (cls + registers).
+
+Supported students: timm models built on `VisionTransformer` (vit_*, deit_*/deit3_*, vit_*_reg*, test_vit*, ...)
+and `Eva` (eva02_*, vit_*_rope_*, ...), with or without register tokens. Both expose
+`forward_intermediates(return_prefix_tokens=True)`, which yields every block's tokens with the prefix split off.
+ConvNets, hierarchical transformers (Swin, MaxViT, ...) and hybrids have no per-block token sequence on one
+grid and are rejected with a clear error.
+"""
+
+from __future__ import annotations
+
+import difflib
+from collections.abc import Sequence
+
+import torch
+from torch import nn
+
+from unic_cli.errors import ConfigError
+
+SUPPORTED_CLASSES = ("VisionTransformer", "Eva")
+SUPPORTED_HINT = "a timm ViT (VisionTransformer or Eva: vit_*, deit3_*, vit_*_reg*, eva02_*, test_vit, ...)"
+
+
+class Student(nn.Module):
+    """A timm ViT whose tapped blocks feed the ladder of projectors.
+
+    The timm model lives at `student.model`, so `student.model.state_dict()` is a plain timm state dict that
+    `unic export` writes as is. Every tapped block goes through the model's final norm: the norm that the
+    exported encoder applies to its output is trained, not left at its initialisation.
+    """
+
+    def __init__(self, model: nn.Module, *, name: str, model_args: dict) -> None:
+        super().__init__()
+        self.model = model
+        self.name = name
+        self.model_args = dict(model_args)
+        self.embed_dim: int = model.embed_dim
+        self.num_blocks: int = len(model.blocks)
+        self.patch_size: int = model.patch_embed.patch_size[0]
+        self.grid: tuple[int, int] = tuple(model.patch_embed.grid_size)
+        self.image_size: int = self.grid[0] * self.patch_size
+        self.num_prefix_tokens: int = model.num_prefix_tokens
+        self.has_cls_token: bool = getattr(model, "cls_token", None) is not None
+        cfg = getattr(model, "pretrained_cfg", {}) or {}
+        self.mean: tuple[float, ...] = tuple(cfg.get("mean", (0.485, 0.456, 0.406)))
+        self.std: tuple[float, ...] = tuple(cfg.get("std", (0.229, 0.224, 0.225)))
+        self.interpolation: str = cfg.get("interpolation", "bicubic")
+        self.register_buffer("mean_C", torch.tensor(self.mean).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("std_C", torch.tensor(self.std).view(1, 3, 1, 1), persistent=False)
+
+    def normalize(self, images_BCHW: torch.Tensor) -> torch.Tensor:
+        """uint8 [0, 255] -> float, normalised with the student's mean/std (on the images' device)."""
+        x = images_BCHW.float()
+        if images_BCHW.dtype == torch.uint8:
+            x = x / 255.0
+        return (x - self.mean_C) / self.std_C
+
+    def forward(self, images_BCHW: torch.Tensor, blocks: Sequence[int]) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """Normalised images -> [(summary_BD, patch_BND)] for each block in `blocks`, final norm applied.
+
+        The summary token is the CLS token, or the mean patch token for a ViT built without one.
+        """
+        outs = self.model.forward_intermediates(
+            images_BCHW, indices=list(blocks), norm=True, return_prefix_tokens=True, output_fmt="NLC",
+            intermediates_only=True, stop_early=True,
+        )
+        taps = []
+        for out in outs:
+            patch_BND, prefix_BPD = out if isinstance(out, tuple) else (out, None)
+            summary_BD = prefix_BPD[:, 0] if self.has_cls_token else patch_BND.mean(dim=1)
+            taps.append((summary_BD, patch_BND))
+        return taps
+
+
+def check_student_name(name: str) -> None:
+    """Raise ConfigError for a name timm does not know, suggesting close names."""
+    import timm
+
+    if timm.is_model(name):
+        return
+    close = difflib.get_close_matches(name, timm.list_models(), n=3, cutoff=0.7)
+    hint = f" Did you mean {' or '.join(map(repr, close))}?" if close else ""
+    raise ConfigError(f"--student {name!r} is not a timm model.{hint} Use {SUPPORTED_HINT}.")
+
+
+def build_student(name: str, *, image_size: int, drop_path_rate: float = 0.0) -> Student:
+    """Build a randomly initialised timm ViT student at `image_size` (builds on the current default device).
+
+    Args:
+        name: any timm model name of a supported family (see the module docstring).
+        image_size: square input size; must be a multiple of the model's patch size.
+        drop_path_rate: stochastic depth rate (official UNIC: 0.1).
+    """
+    import timm
+
+    check_student_name(name)
+    model_args = {"img_size": image_size, "num_classes": 0}
+    try:
+        model = timm.create_model(name, pretrained=False, drop_path_rate=drop_path_rate, **model_args)
+    except TypeError as err:  # e.g. a ConvNet that takes no img_size
+        raise ConfigError(f"--student {name!r} cannot be built as a ViT student ({err}); unic students must be "
+                          f"{SUPPORTED_HINT}.") from None
+    family = type(model).__name__
+    if family not in SUPPORTED_CLASSES:
+        raise ConfigError(f"--student {name!r} is a timm {family}; unic students must be {SUPPORTED_HINT}.")
+    patch = model.patch_embed.patch_size[0]
+    if image_size % patch:
+        raise ConfigError(f"--image-size {image_size} is not a multiple of {name}'s patch size {patch}; "
+                          f"use {image_size // patch * patch or patch}.")
+    return Student(model, name=name, model_args=model_args)
