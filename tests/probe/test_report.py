@@ -1,0 +1,53 @@
+"""probe.json merging, relative scores (Fig. 1), markdown and chart."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from unic_cli.probe import report as rep
+
+
+def _report(results: dict, kinds: dict, tasks=("knn/x", "depth/y")) -> dict:
+    out = rep.empty_report()
+    out["results"] = results
+    out["models"] = {m: {"kind": k} for m, k in kinds.items()}
+    info = {"knn/x": ("knn", "top1_k20", True), "depth/y": ("depth", "rmse", False)}
+    for key in tasks:
+        task, primary, higher = info[key]
+        out["tasks"][key] = {"task": task, "data": f"/d/{key[-1]}", "split": "val", "primary": primary,
+                             "higher_is_better": higher}
+    return out
+
+
+def test_relative_scores__against_the_best_teacher_with_lower_is_better_depth():
+    report = _report({"s": {"knn/x": {"top1_k20": 0.9}, "depth/y": {"rmse": 0.5}},
+                      "t1": {"knn/x": {"top1_k20": 0.8}, "depth/y": {"rmse": 1.0}},
+                      "t2": {"knn/x": {"top1_k20": 0.6}, "depth/y": {"rmse": 0.4}}},
+                     {"s": "student", "t1": "teacher", "t2": "teacher"})
+    rel = rep.relative_scores(report)
+    assert rel["knn/x"] == pytest.approx({"s": 12.5, "t1": 0.0, "t2": -25.0})
+    assert rel["depth/y"] == pytest.approx({"s": -20.0, "t1": -60.0, "t2": 0.0})
+
+
+def test_relative_scores__best_model_when_no_teacher_was_probed():
+    report = _report({"a": {"knn/x": {"top1_k20": 0.5}}, "b": {"knn/x": {"top1_k20": 1.0}}},
+                     {"a": "student", "b": "student"}, tasks=("knn/x",))
+    assert rep.relative_scores(report)["knn/x"] == pytest.approx({"a": -50.0, "b": 0.0})
+
+
+def test_write_report__merges_calls_and_writes_json_markdown_chart(tmp_path):
+    first = _report({"s": {"knn/x": {"top1_k20": 0.9}}, "t": {"knn/x": {"top1_k20": 0.8}}},
+                    {"s": "student", "t": "teacher"}, tasks=("knn/x",))
+    second = _report({"s": {"depth/y": {"rmse": 0.5, "delta1": float("nan")}}}, {"s": "student"}, tasks=("depth/y",))
+    rep.write_report(tmp_path, first)
+    merged, files = rep.write_report(tmp_path, second)
+    assert [f.name for f in files] == ["probe.json", "probe.md", "probe.png"]
+    saved = json.loads((tmp_path / "probe.json").read_text())
+    assert saved["results"]["s"] == {"knn/x": {"top1_k20": 0.9}, "depth/y": {"rmse": 0.5, "delta1": None}}
+    assert {(r["model"], r["task"], r["score"]) for r in saved["rows"]} == {
+        ("s", "knn", 0.9), ("t", "knn", 0.8), ("s", "depth", 0.5)}
+    markdown = (tmp_path / "probe.md").read_text()
+    assert "## knn/x" in markdown and "| s | student | 0.9000 | +12.5% |" in markdown
+    assert (tmp_path / "probe.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -1,0 +1,64 @@
+"""Zero-shot: prompts through a real (tiny) OpenCLIP text tower, CLIP teachers and students with a CLIP head."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+import torch
+
+from unic_cli.config import ProbeConfig
+from unic_cli.errors import ProbeError
+from unic_cli.probe import run_probe
+from unic_cli.probe.zeroshot import TEMPLATES, ClipSpace, clip_space_of, run_zeroshot_probe, text_classifier
+from unic_cli.teachers import load_teacher
+
+
+def test_run_zeroshot_probe__image_embeddings_at_their_class_prompts_score_one(tiny_clip):
+    space = clip_space_of(load_teacher(tiny_clip), tiny_clip)
+    classes = ["golden_retriever", "tabby cat", "red-panda", "ship", "truck", "frog", "horse"]
+    text_CE = text_classifier(space, classes, TEMPLATES)
+    assert text_CE.shape == (7, 32) and torch.allclose(text_CE.norm(dim=1), torch.ones(7))
+    # summaries that the identity maps onto each class's prompt-ensemble embedding, in shuffled order
+    identity = ClipSpace("identity", space.encode_text, lambda s: torch.nn.functional.normalize(s, dim=-1))
+    order = torch.tensor([3, 0, 6, 1, 5, 2, 4])
+    metrics = run_zeroshot_probe(text_CE[order], order, space=identity, classes=classes)
+    assert metrics == {"top1": 1.0, "top5": 1.0}
+
+
+def test_clip_space_of__a_model_without_text_tower_is_refused(teacher_weights):
+    teacher = load_teacher(f"timm:test_vit={teacher_weights['test_vit']}")
+    with pytest.raises(ProbeError, match="no CLIP text tower"):
+        clip_space_of(teacher, "timm:test_vit")
+
+
+def _clip_student(student_dir, tiny_clip, tmp_path):
+    """The session student, re-labelled as distilled from the tiny CLIP (its kept head `tiny_a` is 48-d, as is the
+    tiny CLIP's trunk), so the student's CLIP-head path runs end to end."""
+    folder = shutil.copytree(student_dir, tmp_path / "clip_student")
+    meta = json.loads((folder / "unic.json").read_text())
+    teacher = next(t for t in meta["teachers"] if t["alias"] == "tiny_a")
+    teacher.update(source="open_clip", model_id="unic-tiny-clip", spec=tiny_clip)
+    (folder / "unic.json").write_text(json.dumps(meta))
+    return folder
+
+
+def test_run_probe__zeroshot_for_a_clip_teacher_and_a_student_with_its_head(tmp_path, class_data, student_dir,
+                                                                           tiny_clip):
+    student = _clip_student(student_dir, tiny_clip, tmp_path)
+    config = ProbeConfig.from_sources(None, {"models": (str(student), tiny_clip), "tasks": ("zeroshot",),
+                                             "data_dir": class_data, "out_dir": tmp_path / "out", "num_workers": 0})
+    results = run_probe(config).report["results"]
+    for model in (str(student), tiny_clip):
+        metrics = results[model]["zeroshot/cls"]
+        assert set(metrics) == {"top1"} and 0.0 <= metrics["top1"] <= 1.0  # 3 classes: no top-5
+    cached = sorted(p.name.split("-")[2] for p in (tmp_path / "out" / "cache").iterdir())
+    assert "clip" in cached  # the student's teacher-space summaries are cached like any feature
+
+
+def test_run_probe__zeroshot_without_train_split(tmp_path, class_data, tiny_clip):
+    shutil.rmtree(class_data / "train")
+    config = ProbeConfig.from_sources(None, {"models": (tiny_clip,), "tasks": ("zeroshot",), "data_dir": class_data,
+                                             "out_dir": tmp_path / "out", "num_workers": 0})
+    assert "zeroshot/cls" in run_probe(config).report["results"][tiny_clip]

@@ -1,0 +1,313 @@
+"""`run_probe(config)`: students and teachers measured side by side (knn, linear, seg, depth, zeroshot).
+
+Shape legend: M images, D feature width, N patch tokens.
+
+Order of work: check the data layout and every model spec (no weights), then extract features once per
+(model, split) through the cache, then fit each probe on cached features, then write probe.json / probe.md /
+probe.png. Probes never touch training code: a student is read from its exported folder only.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from unic_cli.config import ProbeConfig
+from unic_cli.errors import ProbeError
+from unic_cli.probe import report as report_lib
+from unic_cli.probe.dense import run_depth_probe, run_seg_probe
+from unic_cli.probe.features import (
+    FeatureCache,
+    Job,
+    ModelRef,
+    Split,
+    check_same_classes,
+    extract_features,
+    find_splits,
+    list_class_split,
+    list_dense_split,
+    load_encoder,
+    load_targets,
+    resolve_model,
+    run_jobs,
+)
+from unic_cli.probe.knn import run_knn_probe
+from unic_cli.probe.linear import run_linear_probe
+from unic_cli.probe.zeroshot import TEMPLATES, ClipSpace, clip_space_of, run_zeroshot_probe
+
+__all__ = ["ProbeOutcome", "run_probe"]
+
+log = logging.getLogger("unic_cli")
+
+ProgressFn = Callable[[str, int, int], None]
+
+
+@dataclass
+class ProbeOutcome:
+    """What one `run_probe` call measured and wrote.
+
+    Attributes:
+        report: this call's results (probe.json layout, see `unic_cli.probe.report`).
+        merged: OUT/probe.json after merging this call into earlier ones.
+        files: the files written.
+    """
+
+    report: dict[str, Any]
+    merged: dict[str, Any]
+    files: list[Path]
+
+
+def _device(name: str) -> str:
+    if name == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise ProbeError(f"--device {name} asked for, but no CUDA device is available; use --device cpu")
+    return name
+
+
+def _free(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.empty_cache()
+
+
+def _ok_rows(feats: dict[str, torch.Tensor], *arrays: torch.Tensor) -> list[torch.Tensor]:
+    """Drop the rows of unreadable images from the features' companions (labels, targets)."""
+    ok = feats["ok"]
+    return [a[ok] for a in arrays]
+
+
+def _clip_teacher_of_student(ref: ModelRef) -> dict | None:
+    """The first kept head (in unic.json) whose teacher is an open_clip model, or None."""
+    import json
+
+    meta = json.loads((ref.folder / "unic.json").read_text(encoding="utf-8"))
+    kept = set((meta.get("heads") or {}).get("teachers") or ())
+    for teacher in meta.get("teachers", []):
+        if teacher.get("alias") in kept and teacher.get("source") == "open_clip":
+            return teacher
+    return None
+
+
+def _check_zeroshot(refs: list[ModelRef]) -> None:
+    """Every model must have a CLIP text tower (cheap check on cards and unic.json; confirmed after loading)."""
+    problems = []
+    for ref in refs:
+        if ref.kind == "student":
+            if _clip_teacher_of_student(ref) is None:
+                problems.append(f"student {ref.name!r} has no CLIP head: export it with `unic export RUN --out DIR "
+                                "--keep-heads CLIP_ALIAS` (a CLIP teacher it was distilled from)")
+        elif ref.identity["card"]["source"] != "open_clip":
+            problems.append(f"{ref.name!r} is not a CLIP model (source {ref.identity['card']['source']!r}); "
+                            "zeroshot needs an open_clip teacher or a student with a kept CLIP head")
+    if problems:
+        raise ProbeError(problems[0] if len(problems) == 1 else
+                         "--task zeroshot: " + "; ".join(problems))
+
+
+def _zeroshot_inputs(ref: ModelRef, eval_split: Split, eval_feats: dict[str, torch.Tensor], *,
+                     config: ProbeConfig, cache: FeatureCache, device: str, progress: ProgressFn
+                     ) -> tuple[ClipSpace, torch.Tensor, torch.Tensor]:
+    """(joint space, teacher-space summary [M, D], ok [M]) for a CLIP teacher or a student's CLIP head."""
+    from unic_cli.teachers import load_teacher
+
+    pretrained = not config.random_init
+    if ref.kind == "teacher":
+        encoder = load_encoder(ref, device=device)
+        return clip_space_of(encoder.module, ref.name), eval_feats["summary"], eval_feats["ok"]
+    from unic_cli.export import load_student
+
+    teacher = _clip_teacher_of_student(ref)
+    torch.manual_seed(config.seed)
+    clip = load_teacher(teacher.get("spec") or teacher["alias"], grid=None, pretrained=pretrained, device=device)
+    space = clip_space_of(clip, teacher["alias"])
+    kind = f"clip-{teacher['alias']}"
+    path = cache.path(ref, eval_split, kind)
+    cached = cache.load(path)
+    if cached is None:
+        head = load_student(ref.folder, device=device).heads[teacher["alias"]]
+
+        def fn(images_BCHW):
+            return {"summary": head(images_BCHW).summary_BD.float()}
+
+        job = Job(ref.name, ref.image_size, path, fn, {"model": ref.name, "kind": kind})
+        cached = run_jobs([job], eval_split, stretch=False, batch_size=config.batch_size,
+                          num_workers=config.num_workers, device=device, progress=progress)[ref.name]
+    return space, cached["summary"], cached["ok"]
+
+
+def _classification(config: ProbeConfig, refs: list[ModelRef], train: Split | None, evaluation: Split,
+                    cache: FeatureCache, device: str, progress: ProgressFn) -> dict[str, dict[str, dict]]:
+    common = dict(kind="pooled", cache=cache, batch_size=config.batch_size, num_workers=config.num_workers,
+                  device=device, progress=progress)
+    feats = extract_features(refs, [s for s in (train, evaluation) if s is not None], **common)
+    _free(device)
+    train_feats, eval_feats = feats.get(train.name if train else "", {}), feats[evaluation.name]
+    num_classes = len(evaluation.classes)
+    train_labels = torch.tensor(train.labels) if train is not None else None
+    eval_labels = torch.tensor(evaluation.labels)
+    results: dict[str, dict[str, dict]] = {ref.name: {} for ref in refs}
+    for ref in refs:
+        ev = eval_feats[ref.name]
+        y_eval, summary_eval, patch_eval = _ok_rows(ev, eval_labels, ev["summary"], ev["patch_mean"])
+        if train is not None:
+            tr = train_feats[ref.name]
+            y_train, summary_train, patch_train = _ok_rows(tr, train_labels, tr["summary"], tr["patch_mean"])
+        if "knn" in config.tasks:
+            log.info("%s: k-NN on %d train / %d %s images", ref.name, len(y_train), len(y_eval), evaluation.name)
+            results[ref.name]["knn"] = run_knn_probe(
+                summary_train.to(device), y_train, summary_eval.to(device), y_eval, num_classes=num_classes,
+                ks=config.knn_ks, temperature=config.knn_temperature)
+        if "linear" in config.tasks:
+            x_train, x_eval = summary_train, summary_eval
+            if config.concat_patch_mean:
+                x_train, x_eval = torch.cat([x_train, patch_train], 1), torch.cat([x_eval, patch_eval], 1)
+            log.info("%s: linear probe, %d settings", ref.name, len(config.linear_lrs) * len(config.linear_weight_decays))
+            results[ref.name]["linear"] = run_linear_probe(
+                x_train.to(device), y_train, x_eval.to(device), y_eval, num_classes=num_classes,
+                lrs=config.linear_lrs, weight_decays=config.linear_weight_decays, num_steps=config.linear_steps,
+                holdout_fraction=config.linear_holdout, seed=config.seed)
+        if "zeroshot" in config.tasks:
+            space, summary, ok = _zeroshot_inputs(ref, evaluation, ev, config=config, cache=cache, device=device,
+                                                  progress=progress)
+            results[ref.name]["zeroshot"] = run_zeroshot_probe(
+                summary[ok], eval_labels[ok], space=space, classes=evaluation.classes,
+                templates=config.prompt_templates or TEMPLATES)
+            del space
+            _free(device)
+    return results
+
+
+def _seg_classes(config: ProbeConfig, train_masks: torch.Tensor) -> int:
+    values = torch.unique(train_masks).tolist()
+    labels = [v for v in values if v != config.ignore_index and v >= 0]
+    if config.ignore_index not in values:
+        log.info("masks hold labels %s and no %d (--ignore-index); if one label is void (CamVid: 11), "
+                 "pass --ignore-index LABEL", _span(labels), config.ignore_index)
+    if config.num_classes is not None:
+        return config.num_classes
+    if not labels:
+        raise ProbeError(f"the training masks hold no label other than the ignore index {config.ignore_index}")
+    return max(labels) + 1
+
+
+def _span(labels: list[int]) -> str:
+    return f"{labels[0]}-{labels[-1]}" if labels == list(range(labels[0], labels[-1] + 1)) else str(labels)
+
+
+def _dense(config: ProbeConfig, task: str, refs: list[ModelRef], train: Split, evaluation: Split,
+           cache: FeatureCache, device: str, progress: ProgressFn) -> dict[str, dict[str, dict]]:
+    common = dict(kind="patch", cache=cache, batch_size=config.batch_size, num_workers=config.num_workers,
+                  device=device, progress=progress)
+    kind = "mask" if task == "seg" else "depth"
+    target_args = dict(cache=cache, depth_scale=config.depth_scale, num_workers=config.num_workers,
+                       progress=progress)
+    train_targets = load_targets(train, kind, **target_args)
+    eval_targets = load_targets(evaluation, kind, **target_args)
+    num_classes = _seg_classes(config, train_targets) if task == "seg" else 0
+    feats = extract_features(refs, [train, evaluation], **common)
+    _free(device)
+    train_feats, eval_feats = feats[train.name], feats[evaluation.name]
+    results: dict[str, dict[str, dict]] = {}
+    for ref in refs:
+        tr, ev = train_feats[ref.name], eval_feats[ref.name]
+        x_train, y_train = _ok_rows(tr, tr["patch"], train_targets)
+        x_eval, y_eval = _ok_rows(ev, ev["patch"], eval_targets)
+        grid = tuple(int(g) for g in tr["grid"][0])
+        args = dict(grid=grid, num_steps=config.dense_steps, batch_size=config.dense_batch_size, lr=config.dense_lr,
+                    weight_decay=config.dense_weight_decay, seed=config.seed)
+        log.info("%s: %s probe on a %dx%d grid of %d-d patch tokens", ref.name, task, *grid, x_train.shape[-1])
+        x_train = x_train.to(device)
+        if task == "seg":
+            metrics = run_seg_probe(x_train, y_train, x_eval, y_eval, num_classes=num_classes,
+                                    ignore_index=config.ignore_index, **args)
+        else:
+            metrics = run_depth_probe(x_train, y_train, x_eval, y_eval, num_bins=config.depth_bins, **args)
+        results[ref.name] = {task: metrics}
+        del x_train
+        _free(device)
+    return results
+
+
+def _task_info(config: ProbeConfig, task: str, evaluation: Split) -> dict[str, Any]:
+    primary, higher = report_lib.PRIMARY[task]
+    return {"task": task, "data": str(config.data_dir.resolve()), "split": evaluation.name,
+            "primary": primary.format(k=max(config.knn_ks)), "higher_is_better": higher}
+
+
+def run_probe(config: ProbeConfig, *, progress: ProgressFn | None = None) -> ProbeOutcome:
+    """Probe every model of `config` on every task, write OUT/probe.{json,md,png} (and RUN/probe.json).
+
+    Args:
+        config: a validated ProbeConfig.
+        progress: called as (label, done, total) while features are extracted; the CLI draws a progress bar.
+
+    Example:
+        >>> run_probe(ProbeConfig.from_sources(None, {"models": ("students/a", "dinov2_g"), "tasks": ("knn",),
+        ...                                           "data_dir": "data/pets"}))
+    """
+    progress = progress or (lambda label, done, total: None)
+    device = _device(config.device)
+    tasks = list(dict.fromkeys(config.tasks))
+    classification = [t for t in tasks if t in ("knn", "linear", "zeroshot")]
+    dense = [t for t in tasks if t in ("seg", "depth")]
+
+    # 1. data layout and model specs, before any weights load
+    need_train = any(t != "zeroshot" for t in tasks)
+    train_dir, eval_dir = find_splits(config.data_dir, need_train=need_train, eval_split=config.eval_split)
+    splits: dict[str, tuple[Split | None, Split]] = {}
+    if classification:
+        evaluation = list_class_split(eval_dir)
+        train = list_class_split(train_dir) if train_dir is not None else None
+        if train is not None:
+            check_same_classes(train, evaluation)
+        splits["classification"] = (train, evaluation)
+    for task in dense:
+        folder = "masks" if task == "seg" else "depth"
+        splits[task] = (list_dense_split(train_dir, folder), list_dense_split(eval_dir, folder))
+    pretrained = not config.random_init
+    refs = [resolve_model(m, pretrained=pretrained, seed=config.seed) for m in config.models]
+    if "zeroshot" in classification:
+        _check_zeroshot(refs)
+    dense_refs = [resolve_model(m, image_size=config.dense_image_size, pretrained=pretrained, seed=config.seed)
+                  for m in config.models] if dense else []
+
+    # 2. features and probes
+    cache = FeatureCache(config.resolved_cache_dir)
+    data_name = config.data_dir.resolve().name
+    new = report_lib.empty_report()
+    for ref in refs:
+        new["models"][ref.name] = {"kind": ref.kind}
+        new["results"][ref.name] = {}
+    if classification:
+        train, evaluation = splits["classification"]
+        results = _classification(config, refs, train, evaluation, cache, device, progress)
+        for task in classification:
+            key = f"{task}/{data_name}"
+            new["tasks"][key] = _task_info(config, task, evaluation)
+            for ref in refs:
+                new["results"][ref.name][key] = results[ref.name][task]
+    for task in dense:
+        train, evaluation = splits[task]
+        results = _dense(config, task, dense_refs, train, evaluation, cache, device, progress)
+        key = f"{task}/{data_name}"
+        new["tasks"][key] = _task_info(config, task, evaluation)
+        for ref in dense_refs:
+            new["results"][ref.name][key] = results[ref.name][task]
+    new["rows"] = report_lib.flat_rows(new)
+
+    # 3. reports
+    out_dir = config.resolved_out_dir
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "config.toml").write_text(config.to_toml(), encoding="utf-8")
+    merged, files = report_lib.write_report(out_dir, new)
+    if config.run_dir is not None:
+        run_file = config.run_dir / "probe.json"
+        report_lib.write_json(run_file, report_lib.merge(report_lib.read_report(run_file), new))
+        files.append(run_file)
+    log.info("wrote %s", ", ".join(str(f) for f in files))
+    return ProbeOutcome(new, merged, files)

@@ -1,0 +1,174 @@
+"""Linear heads on cached patch tokens for semantic segmentation (mIoU, pixel accuracy) and depth (RMSE, delta1).
+
+Shape legend: B batch, N patch tokens (h*w), D token width, K outputs (classes or depth bins), H/W target pixels.
+
+The head is one linear map per patch token (a 1x1 convolution on the patch grid); its logits are upsampled
+bilinearly to the target's size and trained there, so the probe measures the patch tokens only. Features are
+standardised per channel with training statistics, which makes one learning rate fit every encoder.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+
+
+class _Head(torch.nn.Module):
+    def __init__(self, mean_D: torch.Tensor, std_D: torch.Tensor, num_outputs: int, grid: tuple[int, int]) -> None:
+        super().__init__()
+        self.register_buffer("mean_D", mean_D)
+        self.register_buffer("std_D", std_D)
+        self.linear = torch.nn.Linear(mean_D.shape[0], num_outputs)
+        self.grid = grid
+
+    def forward(self, patch_BND: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+        x_BND = (patch_BND.float() - self.mean_D) / self.std_D
+        logits_BKhw = self.linear(x_BND).transpose(1, 2).unflatten(2, self.grid)
+        return F.interpolate(logits_BKhw, size=size, mode="bilinear", align_corners=False)  # [B, K, H, W]
+
+
+def _channel_stats(patch_MND: torch.Tensor, max_rows: int = 200_000) -> tuple[torch.Tensor, torch.Tensor]:
+    rows_ND = patch_MND.flatten(0, 1)
+    if rows_ND.shape[0] > max_rows:  # a strided subset is plenty for per-channel moments
+        rows_ND = rows_ND[:: rows_ND.shape[0] // max_rows + 1]
+    rows_ND = rows_ND.float()
+    return rows_ND.mean(dim=0), rows_ND.std(dim=0).clamp_min(1e-6)
+
+
+def _train_head(
+    head: _Head,
+    patch_MND: torch.Tensor,
+    targets_MHW: torch.Tensor,
+    loss_fn,
+    *,
+    num_steps: int,
+    batch_size: int,
+    lr: float,
+    weight_decay: float,
+    seed: int,
+) -> _Head:
+    generator = torch.Generator().manual_seed(seed)
+    optimizer = torch.optim.AdamW(head.parameters(), lr=lr, weight_decay=weight_decay)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 0.5 * (1 + math.cos(math.pi * s / num_steps)))
+    size = tuple(targets_MHW.shape[-2:])
+    device = patch_MND.device
+    for _ in range(num_steps):
+        idx = torch.randint(patch_MND.shape[0], (batch_size,), generator=generator).to(device)
+        loss = loss_fn(head(patch_MND[idx], size), targets_MHW[idx])
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        scheduler.step()
+    return head.eval()
+
+
+def run_seg_probe(
+    train_MND: torch.Tensor,
+    train_masks_MHW: torch.Tensor,
+    test_MND: torch.Tensor,
+    test_masks_MHW: torch.Tensor,
+    *,
+    grid: tuple[int, int],
+    num_classes: int,
+    ignore_index: int = 255,
+    num_steps: int = 1000,
+    batch_size: int = 16,
+    lr: float = 1e-3,
+    weight_decay: float = 1e-4,
+    seed: int = 0,
+) -> dict[str, float]:
+    """Train a linear segmentation head; mIoU over classes present in the test masks or predictions, pixel acc."""
+    device = train_MND.device
+    train_masks_MHW = train_masks_MHW.to(device).long()
+    mean_D, std_D = _channel_stats(train_MND)
+    torch.manual_seed(seed)
+    head = _Head(mean_D, std_D, num_classes, grid).to(device)
+
+    def loss_fn(logits_BKHW, masks_BHW):
+        return F.cross_entropy(logits_BKHW, masks_BHW, ignore_index=ignore_index)
+
+    head = _train_head(head, train_MND, train_masks_MHW, loss_fn, num_steps=num_steps, batch_size=batch_size,
+                       lr=lr, weight_decay=weight_decay, seed=seed)
+    confusion_KK = torch.zeros(num_classes * num_classes, device=device, dtype=torch.long)
+    size = tuple(test_masks_MHW.shape[-2:])
+    with torch.no_grad():
+        for start in range(0, test_MND.shape[0], batch_size):
+            pred_BHW = head(test_MND[start : start + batch_size].to(device), size).argmax(dim=1)
+            true_BHW = test_masks_MHW[start : start + batch_size].to(device).long()
+            valid = (true_BHW != ignore_index) & (true_BHW >= 0) & (true_BHW < num_classes)
+            confusion_KK += torch.bincount(true_BHW[valid] * num_classes + pred_BHW[valid],
+                                           minlength=num_classes * num_classes)
+    confusion_KK = confusion_KK.view(num_classes, num_classes).double().cpu()  # rows: truth, columns: prediction
+    tp_K = confusion_KK.diag()
+    union_K = confusion_KK.sum(0) + confusion_KK.sum(1) - tp_K
+    present_K = union_K > 0
+    iou_K = tp_K[present_K] / union_K[present_K]
+    return {"miou": float(iou_K.mean()), "pixel_acc": float(tp_K.sum() / confusion_KK.sum().clamp_min(1)),
+            "num_classes": num_classes}
+
+
+def run_depth_probe(
+    train_MND: torch.Tensor,
+    train_depth_MHW: torch.Tensor,
+    test_MND: torch.Tensor,
+    test_depth_MHW: torch.Tensor,
+    *,
+    grid: tuple[int, int],
+    num_bins: int = 256,
+    num_steps: int = 1000,
+    batch_size: int = 16,
+    lr: float = 1e-3,
+    weight_decay: float = 1e-4,
+    seed: int = 0,
+) -> dict[str, float]:
+    """Train a linear depth head (bins classification with num_bins > 0, else L1 regression).
+
+    Pixels with depth <= 0 (or non-finite) are invalid and ignored. With bins, the prediction is the
+    softmax-weighted mean of the bin centres (uniform between the training minimum and maximum), as in the
+    linear depth probes of DINOv2. Returns RMSE, abs_rel and delta1 (share of pixels with
+    max(pred/true, true/pred) < 1.25), pooled over every valid test pixel.
+    """
+    device = train_MND.device
+    train_depth_MHW = train_depth_MHW.to(device).float()
+    valid_train = torch.isfinite(train_depth_MHW) & (train_depth_MHW > 0)
+    low, high = train_depth_MHW[valid_train].min(), train_depth_MHW[valid_train].max()
+    mean_D, std_D = _channel_stats(train_MND)
+    torch.manual_seed(seed)
+    mode: Literal["bins", "regression"] = "bins" if num_bins > 0 else "regression"
+    head = _Head(mean_D, std_D, num_bins if mode == "bins" else 1, grid).to(device)
+    centres_K = torch.linspace(0, 1, max(num_bins, 1), device=device) * (high - low) + low
+
+    def predict(logits_BKHW):
+        if mode == "bins":
+            return (logits_BKHW.softmax(dim=1) * centres_K[None, :, None, None]).sum(dim=1)
+        return logits_BKHW[:, 0] * high  # regression targets are depth / max depth
+
+    def loss_fn(logits_BKHW, depth_BHW):
+        valid = torch.isfinite(depth_BHW) & (depth_BHW > 0)
+        if mode == "bins":
+            bins_BHW = ((depth_BHW - low) / (high - low + 1e-12) * (num_bins - 1)).round().clamp(0, num_bins - 1)
+            bins_BHW = torch.where(valid, bins_BHW, torch.full_like(bins_BHW, -1)).long()
+            return F.cross_entropy(logits_BKHW, bins_BHW, ignore_index=-1)
+        error_BHW = (logits_BKHW[:, 0] - depth_BHW / high).abs()
+        return (error_BHW * valid).sum() / valid.sum().clamp_min(1)
+
+    head = _train_head(head, train_MND, train_depth_MHW, loss_fn, num_steps=num_steps, batch_size=batch_size,
+                       lr=lr, weight_decay=weight_decay, seed=seed)
+    sq_err = abs_rel = delta1 = count = torch.zeros((), device=device, dtype=torch.float64)
+    size = tuple(test_depth_MHW.shape[-2:])
+    with torch.no_grad():
+        for start in range(0, test_MND.shape[0], batch_size):
+            pred_BHW = predict(head(test_MND[start : start + batch_size].to(device), size)).clamp(low, high)
+            true_BHW = test_depth_MHW[start : start + batch_size].to(device).float()
+            valid = torch.isfinite(true_BHW) & (true_BHW > 0)
+            p, t = pred_BHW[valid].double(), true_BHW[valid].double()
+            sq_err = sq_err + (p - t).square().sum()
+            abs_rel = abs_rel + ((p - t).abs() / t).sum()
+            delta1 = delta1 + (torch.maximum(p / t, t / p) < 1.25).sum()
+            count = count + t.numel()
+    count = count.clamp_min(1)
+    return {"rmse": float((sq_err / count).sqrt()), "abs_rel": float(abs_rel / count),
+            "delta1": float(delta1 / count), "head": mode}

@@ -1,0 +1,603 @@
+"""Encoders and cached features: any model -> (summary_BD, patch_BND, grid), extracted once per dataset.
+
+Shape legend: B batch, C channels, H/W pixels, N patch tokens, D token width, h/w patch grid.
+
+Three kinds of MODEL share one interface (`Encoder`): an exported student folder (it has `unic.json`), a
+registry alias or explicit teacher spec (`unic_cli.teachers.load_teacher`, local weights with `SPEC=PATH`), and
+a bare timm model name (treated as `timm:NAME`). Each is wrapped in a `Teacher`, so every model takes uint8
+images on the device and resizes/normalises them itself.
+
+Images are decoded once per dataset for all models of a call (PIL, in loader workers) and resized to each
+distinct model resolution there, so a model's features depend on the model and the data only, never on which
+other models share the call; that is what lets the on-disk cache hit. The cache key is (model identity incl.
+weights file size/mtime, dataset folder + file list fingerprint, resolution, feature kind).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import hashlib
+import json
+import logging
+import os
+import struct
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+import torch
+from PIL import Image
+from torch import nn
+
+from unic_cli.data import IMAGE_EXTENSIONS, decode_image, list_image_folder, resize_center_crop
+from unic_cli.errors import DataError, ProbeError, UnknownTeacherError
+from unic_cli.registry import TeacherCard, TeacherSpec, parse_teacher_spec
+from unic_cli.teachers import Teacher, load_teacher, resolve_card
+
+log = logging.getLogger("unic_cli")
+
+# Bump when extraction changes in a way that changes cached features.
+FEATURE_VERSION = 1
+DEPTH_EXTENSIONS = (".png", ".npy")
+
+ProgressFn = Callable[[str, int, int], None]  # (label, done, total)
+
+
+def _no_progress(label: str, done: int, total: int) -> None:
+    pass
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Dataset layouts
+# ----------------------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Split:
+    """One split of a probe dataset: image files, and labels (classification) or target files (dense)."""
+
+    name: str
+    root: Path
+    images: tuple[Path, ...]
+    labels: tuple[int, ...] = ()
+    classes: tuple[str, ...] = ()
+    targets: tuple[Path, ...] = ()
+
+    @functools.cached_property
+    def fingerprint(self) -> str:
+        """Hash of the folder and its file list (names, sizes, mtimes): a changed file changes the key."""
+        h = hashlib.sha256(str(self.root.resolve()).encode())
+        for path in (*self.images, *self.targets):
+            st = path.stat()
+            h.update(f"{path.relative_to(self.root)}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
+        return h.hexdigest()[:16]
+
+
+def find_splits(data_dir: Path, *, need_train: bool, eval_split: str | None) -> tuple[Path | None, Path]:
+    """The train folder (None when not needed) and the evaluation folder (`eval_split`, else test, else val)."""
+    if not data_dir.is_dir():
+        raise DataError(f"--data {str(data_dir)!r} is not a folder; it must hold train/ and val/ or test/")
+    problems = []
+    train = data_dir / "train"
+    if need_train and not train.is_dir():
+        problems.append(f"{str(data_dir)!r} has no train/ split")
+    if eval_split is not None:
+        evaluation = data_dir / eval_split
+        if not evaluation.is_dir():
+            problems.append(f"{str(data_dir)!r} has no {eval_split}/ split (from --eval-split)")
+    else:
+        evaluation = next((data_dir / s for s in ("test", "val") if (data_dir / s).is_dir()), data_dir / "val")
+        if not evaluation.is_dir():
+            problems.append(f"{str(data_dir)!r} has neither a val/ nor a test/ split")
+    if problems:
+        found = sorted(p.name + "/" for p in data_dir.iterdir() if p.is_dir())
+        raise DataError("; ".join(problems) + f" (found: {', '.join(found) or 'no folders'}). Expected "
+                        "DIR/train/ plus DIR/val/ or DIR/test/: class folders for knn/linear/zeroshot, "
+                        "images/ + masks/ for seg, images/ + depth/ for depth.")
+    return (train if need_train else None), evaluation
+
+
+def _images_in(folder: Path) -> list[Path]:
+    return sorted(p for p in folder.iterdir()
+                  if p.is_file() and not p.name.startswith(".") and p.suffix.lower() in IMAGE_EXTENSIONS)
+
+
+def _few(names: Sequence[str], n: int = 5) -> str:
+    shown = ", ".join(map(str, names[:n]))
+    return shown + (f" and {len(names) - n} more" if len(names) > n else "")
+
+
+def list_class_split(split_dir: Path) -> Split:
+    """A class-folder split: `split_dir/<class>/**/<image>`; class index = sorted folder order."""
+    entries = list_image_folder(split_dir)
+    loose = [p.name for p, c in entries if not c]
+    if loose:
+        raise DataError(f"{str(split_dir)!r} has images outside class folders ({_few(loose)}); knn, linear and "
+                        f"zeroshot expect {split_dir.name}/<class>/<image> (for seg or depth use --task seg|depth)")
+    classes = sorted({c for _, c in entries})
+    index = {c: i for i, c in enumerate(classes)}
+    return Split(split_dir.name, split_dir, tuple(p for p, _ in entries), tuple(index[c] for _, c in entries),
+                 tuple(classes))
+
+
+def check_same_classes(train: Split, evaluation: Split) -> None:
+    """Class folders must be the same in both splits, or labels would silently mean different classes."""
+    if train.classes == evaluation.classes:
+        return
+    only_train = sorted(set(train.classes) - set(evaluation.classes))
+    only_eval = sorted(set(evaluation.classes) - set(train.classes))
+    parts = []
+    if only_train:
+        parts.append(f"only in {train.name}/: {_few(only_train)}")
+    if only_eval:
+        parts.append(f"only in {evaluation.name}/: {_few(only_eval)}")
+    raise DataError(f"class folders differ between {str(train.root)!r} and {str(evaluation.root)!r} "
+                    f"({'; '.join(parts)}); both splits need the same class folders")
+
+
+def list_dense_split(split_dir: Path, target_folder: Literal["masks", "depth"]) -> Split:
+    """`split_dir/images/*` paired by file stem with `split_dir/masks/*.png` or `split_dir/depth/*.{png,npy}`."""
+    image_dir, target_dir = split_dir / "images", split_dir / target_folder
+    task = "seg" if target_folder == "masks" else "depth"
+    missing = [f"{d.name}/" for d in (image_dir, target_dir) if not d.is_dir()]
+    if missing:
+        raise DataError(f"{str(split_dir)!r} has no {' or '.join(missing)}; --task {task} expects "
+                        f"{split_dir.name}/images/ and {split_dir.name}/{target_folder}/ with matching file names")
+    images = _images_in(image_dir)
+    if not images:
+        raise DataError(f"{str(image_dir)!r} holds no images")
+    extensions = (".png",) if target_folder == "masks" else DEPTH_EXTENSIONS
+    by_stem = {p.stem: p for p in sorted(target_dir.iterdir())
+               if p.suffix.lower() in extensions and not p.name.startswith(".")}
+    lacking = [p.name for p in images if p.stem not in by_stem]
+    if lacking:
+        kinds = " or ".join(extensions)
+        raise DataError(f"{len(lacking)} of {len(images)} images in {str(image_dir)!r} have no {kinds} in "
+                        f"{target_folder}/ with the same name: {_few(lacking)}")
+    return Split(split_dir.name, split_dir, tuple(images), targets=tuple(by_stem[p.stem] for p in images))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Decoding (CPU, loader workers): images once, resized to every requested size
+# ----------------------------------------------------------------------------------------------------------------
+
+
+# What PIL (or a broken file) raises while decoding: that image is left out, never fatal. Not a blanket
+# `except Exception`, so a bug in our own code still surfaces.
+_DECODE_ERRORS = (OSError, ValueError, SyntaxError, EOFError, IndexError, struct.error,
+                  Image.DecompressionBombError)
+
+
+class _ImageDataset(torch.utils.data.Dataset):
+    """Decode each image once and return it at every size in `sizes` (uint8 CHW), plus an ok flag.
+
+    `stretch` resizes the whole image to the square (dense tasks, whose targets cover the whole image);
+    otherwise the shorter side is resized and the centre cropped. An unreadable file gives zeros and ok=False,
+    so a bad file costs one row instead of the whole extraction; callers drop those rows.
+    """
+
+    def __init__(self, images: Sequence[Path], sizes: Sequence[int], *, stretch: bool) -> None:
+        self.images, self.sizes, self.stretch = [str(p) for p in images], list(sizes), stretch
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, index: int) -> tuple[tuple[torch.Tensor, ...], bool]:
+        try:
+            image = decode_image(self.images[index])
+        except _DECODE_ERRORS:
+            return tuple(torch.zeros(3, s, s, dtype=torch.uint8) for s in self.sizes), False
+        if self.stretch:
+            out = [_uint8_chw(image.resize((s, s), Image.Resampling.BICUBIC)) for s in self.sizes]
+        else:
+            out = [resize_center_crop(image, s) for s in self.sizes]
+        return tuple(out), True
+
+
+def _uint8_chw(image: Image.Image) -> torch.Tensor:
+    return torch.from_numpy(np.array(image, dtype=np.uint8, copy=True)).permute(2, 0, 1).contiguous()
+
+
+def read_target(path: Path, kind: Literal["mask", "depth"], *, depth_scale: float = 1000.0) -> np.ndarray:
+    """A mask (index PNG -> int64 [H, W]) or a depth map (16-bit PNG / depth_scale, or .npy as is -> float32)."""
+    if path.suffix.lower() == ".npy":
+        try:
+            array = np.load(path).astype(np.float32).squeeze()
+        except (OSError, ValueError) as err:
+            raise DataError(f"cannot read depth map {str(path)!r}: {err}") from None
+    else:
+        try:
+            with Image.open(path) as image:
+                array = np.asarray(image)
+        except OSError as err:
+            raise DataError(f"cannot read {kind} {str(path)!r}: {err}") from None
+        if kind == "depth":
+            array = array.astype(np.float32) / depth_scale
+    if array.ndim != 2:
+        raise DataError(f"{str(path)!r} has shape {array.shape}; masks and depth maps must be single-channel "
+                        "(index/palette or 16-bit grayscale PNG, or a 2-D .npy)")
+    return array if kind == "depth" else array.astype(np.int64)
+
+
+def _resize_target(array: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """Nearest-neighbour resize: never invent labels or depths between neighbours."""
+    if array.shape == size:
+        return array
+    rows = (np.arange(size[0]) * array.shape[0] / size[0]).astype(np.int64)
+    cols = (np.arange(size[1]) * array.shape[1] / size[1]).astype(np.int64)
+    return array[rows[:, None], cols[None, :]]
+
+
+class _TargetDataset(torch.utils.data.Dataset):
+    def __init__(self, targets: Sequence[Path], kind: str, size: tuple[int, int], depth_scale: float) -> None:
+        self.targets, self.kind, self.size, self.depth_scale = list(targets), kind, size, depth_scale
+
+    def __len__(self) -> int:
+        return len(self.targets)
+
+    def __getitem__(self, index: int) -> torch.Tensor:
+        array = read_target(self.targets[index], self.kind, depth_scale=self.depth_scale)
+        return torch.from_numpy(_resize_target(array, self.size).copy())
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Encoders
+# ----------------------------------------------------------------------------------------------------------------
+
+
+class _TimmTokens(nn.Module):
+    """A timm model (an exported student) as a teachers.base.Backbone: final-norm tokens, prefix split off."""
+
+    def __init__(self, model: nn.Module, *, is_vit: bool) -> None:
+        super().__init__()
+        self.model, self.is_vit = model, is_vit
+
+    def forward_tokens(self, images_BCHW: torch.Tensor):
+        if not self.is_vit:
+            fmap_BDhw = self.model.forward_features(images_BCHW)
+            summary_BD = self.model.forward_head(fmap_BDhw, pre_logits=True)
+            return summary_BD, fmap_BDhw.flatten(2).transpose(1, 2), tuple(fmap_BDhw.shape[-2:])
+        (patch_BDhw, prefix_BPD), = self.model.forward_intermediates(
+            images_BCHW, indices=1, norm=True, return_prefix_tokens=True, output_fmt="NCHW", intermediates_only=True
+        )
+        summary_BD = prefix_BPD[:, 0] if prefix_BPD.shape[1] else None  # no class token: the mean patch token
+        return summary_BD, patch_BDhw.flatten(2).transpose(1, 2), tuple(patch_BDhw.shape[-2:])
+
+
+@dataclass(frozen=True)
+class ModelRef:
+    """A MODEL argument resolved without loading weights: enough to key the cache and to load it later.
+
+    Attributes:
+        name: the MODEL argument as typed (the key in probe.json).
+        kind: `student` (an exported folder) or `teacher` (a registry alias, explicit spec or timm name).
+        image_size: the side of the square input this model is fed.
+        identity: what its features depend on (model, weights files, resolution); hashed into cache keys.
+        spec: the teacher spec (teachers), with any resolution override applied.
+        folder: the exported folder (students).
+    """
+
+    name: str
+    kind: Literal["student", "teacher"]
+    image_size: int
+    identity: dict
+    spec: TeacherSpec | None = None
+    folder: Path | None = None
+
+
+@dataclass(eq=False)
+class Encoder:
+    """A loaded model behind the common interface: images -> (summary_BD, patch_BND, grid).
+
+    `module` is a frozen `Teacher`: it takes uint8 or [0, 1] images on its device, resizes them to its input
+    size and normalises them with its own mean/std.
+    """
+
+    ref: ModelRef
+    module: Teacher
+
+    @property
+    def name(self) -> str:
+        return self.ref.name
+
+    @torch.no_grad()
+    def __call__(self, images_BCHW: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, tuple[int, int]]:
+        """A model without a summary token gets its mean patch token as summary."""
+        summary_BD, patch_BND = self.module(images_BCHW)
+        if summary_BD is None:
+            summary_BD = patch_BND.mean(dim=1)
+        return summary_BD.float(), patch_BND.float(), self.module.grid
+
+
+def is_student_dir(model: str) -> bool:
+    return (Path(model).expanduser() / "unic.json").is_file()
+
+
+def _file_stamp(path: Path) -> dict:
+    st = path.stat()
+    return {"path": str(path.resolve()), "size": st.st_size, "mtime_ns": st.st_mtime_ns}
+
+
+def _vit_size(size: int, patch: int) -> int:
+    """The nearest multiple of the patch size (a ViT needs whole patches)."""
+    return max(patch, round(size / patch) * patch)
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError) as err:
+        raise ProbeError(f"{str(path)!r} is unreadable ({err}); re-run `unic export` for this student") from None
+
+
+def _resolve_spec(model: str) -> TeacherSpec:
+    """A teacher spec; a bare timm model name that is not a registry alias becomes `timm:NAME`."""
+    spec = parse_teacher_spec(model)
+    if spec.source != "alias":
+        return spec
+    try:
+        resolve_card(spec)
+        return spec
+    except UnknownTeacherError as err:
+        if Path(model).expanduser().is_dir():
+            raise ProbeError(f"{model!r} is a folder without unic.json; pass a folder written by `unic export`, "
+                             "a registry alias, a teacher spec or a timm model name") from None
+        import timm
+
+        if timm.is_model(spec.target.split(".")[0]):
+            return parse_teacher_spec("timm:" + model)
+        raise err
+
+
+def resolve_model(model: str, *, image_size: int | None = None, pretrained: bool = True, seed: int = 0) -> ModelRef:
+    """Resolve a MODEL argument (student folder, alias, teacher spec, timm name) without loading weights.
+
+    Args:
+        model: the MODEL argument.
+        image_size: None feeds the model at its own resolution (classification); an int feeds it at that
+            resolution (dense tasks), rounded to a multiple of a ViT's patch size.
+        pretrained: False means random weights (a baseline; cached separately, seeded by `seed`).
+    """
+    extra = {"pretrained": pretrained, **({} if pretrained else {"seed": seed})}
+    if is_student_dir(model):
+        folder = Path(model).expanduser()
+        config, meta = _read_json(folder / "config.json"), _read_json(folder / "unic.json")
+        native = int(config.get("pretrained_cfg", {}).get("input_size", (3, 224, 224))[-1])
+        patch = int(meta.get("student", {}).get("patch_size") or 16)
+        size = native if image_size is None else _vit_size(image_size, patch)
+        files = [folder / n for n in ("config.json", "unic.json", "model.safetensors") if (folder / n).is_file()]
+        identity = {"kind": "student", "files": [_file_stamp(p) for p in files], "image_size": size, **extra}
+        return ModelRef(model, "student", size, identity, folder=folder)
+    spec = _resolve_spec(model)
+    card = resolve_card(spec)
+    if image_size is not None and image_size != card.image_size:
+        size = _vit_size(image_size, card.patch_size) if card.family == "vit" else image_size
+        spec = dataclasses.replace(spec, overrides={**spec.overrides, "image_size": str(size)})
+        card = resolve_card(spec)
+    identity = {"kind": "teacher", "spec": spec.text, "card": card.to_dict(), **extra}
+    local = [spec.weights, Path(card.weights).expanduser() if card.weights and ":" not in card.weights else None]
+    stamps = [_file_stamp(p) for p in local if p is not None and p.is_file()]
+    if stamps:
+        identity["weights"] = stamps
+    return ModelRef(model, "teacher", card.image_size, identity, spec=spec)
+
+
+def _build_student(ref: ModelRef, *, pretrained: bool) -> Teacher:
+    """An exported student folder (model.safetensors + timm config.json + unic.json) as a frozen Teacher."""
+    import timm
+
+    folder = ref.folder
+    config, meta = _read_json(folder / "config.json"), _read_json(folder / "unic.json")
+    cfg = config.get("pretrained_cfg", {})
+    native = int(cfg.get("input_size", (3, 224, 224))[-1])
+    # timm resamples the position embedding while loading the weights at another size
+    kwargs = {"img_size": ref.image_size} if ref.image_size != native else {}
+    model = timm.create_model(f"local-dir:{folder}", pretrained=pretrained, num_classes=0, **kwargs)
+    is_vit = hasattr(model, "num_prefix_tokens") and hasattr(model, "patch_embed")
+    # a ConvNet's "patch size" is the stride of its last feature map
+    patch = int(model.patch_embed.patch_size[0]) if is_vit else int(model.feature_info[-1]["reduction"])
+    interpolation = cfg.get("interpolation", "bicubic")
+    card = TeacherCard(
+        alias=ref.name, source="timm", model_id=config.get("architecture", "unknown"),
+        family="vit" if is_vit else "convnet", image_size=ref.image_size, patch_size=patch,
+        summary_dim=int(model.num_features), patch_dim=int(model.num_features),
+        num_register_tokens=int(getattr(model, "num_reg_tokens", 0) or 0),
+        mean=tuple(cfg.get("mean", (0.5, 0.5, 0.5))), std=tuple(cfg.get("std", (0.5, 0.5, 0.5))),
+        interpolation=interpolation if interpolation in ("bicubic", "bilinear", "nearest") else "bicubic",
+        license=",".join(meta.get("license", {}).get("licenses", [])) or "unknown",
+    )
+    return Teacher(card, _TimmTokens(model, is_vit=is_vit))
+
+
+def load_encoder(ref: ModelRef, *, device: str = "cpu") -> Encoder:
+    """Load a resolved model's weights (or seeded random weights) onto `device`."""
+    pretrained = ref.identity["pretrained"]
+    torch.manual_seed(ref.identity.get("seed", 0))
+    if ref.kind == "student":
+        module = _build_student(ref, pretrained=pretrained)
+    else:
+        module = load_teacher(ref.spec, grid=None, pretrained=pretrained)
+    return Encoder(ref, module.to(device))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Feature cache
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def _digest(payload: dict) -> str:
+    return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:20]
+
+
+def _slug(text: str) -> str:
+    keep = "".join(c if c.isalnum() or c in "-_." else "_" for c in (Path(text).name or text))
+    return keep[:40] or "model"
+
+
+class FeatureCache:
+    """safetensors files under `root`, one per (model identity, split fingerprint, feature kind)."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+
+    def path(self, ref: ModelRef, split: Split, kind: str) -> Path:
+        key = _digest({"v": FEATURE_VERSION, "model": ref.identity, "data": split.fingerprint, "kind": kind})
+        return self.root / f"{_slug(ref.name)}-{split.name}-{_slug(kind)}-{key}.safetensors"
+
+    def target_path(self, split: Split, kind: str, size: tuple[int, int], depth_scale: float) -> Path:
+        key = _digest({"v": FEATURE_VERSION, "data": split.fingerprint, "kind": kind, "size": size,
+                       "scale": depth_scale if kind == "depth" else None})
+        return self.root / f"targets-{split.name}-{kind}-{key}.safetensors"
+
+    @staticmethod
+    def load(path: Path) -> dict[str, torch.Tensor] | None:
+        if not path.is_file():
+            return None
+        from safetensors import SafetensorError
+        from safetensors.torch import load_file
+
+        try:
+            return load_file(path)
+        except (OSError, SafetensorError) as err:  # e.g. a file truncated by a full disk: extract again
+            log.warning("ignoring unreadable cache file %s (%s)", path, err)
+            return None
+
+    @staticmethod
+    def save(path: Path, tensors: dict[str, torch.Tensor], meta: dict) -> None:
+        from safetensors.torch import save_file
+
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+        save_file({k: v.contiguous() for k, v in tensors.items()}, tmp,
+                  metadata={"meta": json.dumps(meta, default=str)})
+        tmp.replace(path)  # atomic: an interrupted run never leaves a half-written file under the final name
+
+
+@dataclass
+class Job:
+    """One model's pass over a split: `fn(images_BCHW at image_size) -> {name: tensor per batch}`, cached."""
+
+    name: str
+    image_size: int
+    path: Path
+    fn: Callable[[torch.Tensor], dict[str, torch.Tensor]]
+    meta: dict
+
+
+def run_jobs(jobs: Sequence[Job], split: Split, *, stretch: bool, batch_size: int, num_workers: int, device: str,
+             progress: ProgressFn = _no_progress) -> dict[str, dict[str, torch.Tensor]]:
+    """Decode `split` once and run every job on each batch; outputs are concatenated, saved and returned.
+
+    Every output also gets "ok" [M] (bool): False rows are unreadable images, to be dropped by the caller.
+    """
+    sizes = sorted({job.image_size for job in jobs})
+    dataset = _ImageDataset(split.images, sizes, stretch=stretch)
+    loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, num_workers=num_workers, shuffle=False,
+                                         pin_memory=device.startswith("cuda"))
+    parts: dict[str, dict[str, list[torch.Tensor]]] = {job.name: {} for job in jobs}
+    oks = []
+    label = f"{split.name}/ " + ", ".join(_slug(job.name) for job in jobs)
+    done = 0
+    progress(label, 0, len(dataset))
+    for images, ok_B in loader:
+        oks.append(ok_B)
+        by_size = {s: im.to(device, non_blocking=True) for s, im in zip(sizes, images)}
+        for job in jobs:
+            for key, value in job.fn(by_size[job.image_size]).items():
+                parts[job.name].setdefault(key, []).append(value.cpu())
+        done += len(ok_B)
+        progress(label, done, len(dataset))
+    ok = torch.cat(oks).bool()
+    if not ok.all():
+        bad = [split.images[i].name for i in (~ok).nonzero().flatten().tolist()]
+        log.warning("%d unreadable image(s) in %s left out: %s", len(bad), split.root, _few(bad))
+    out = {}
+    for job in jobs:
+        tensors = {k: torch.cat(v) for k, v in parts[job.name].items()}
+        tensors["ok"] = ok
+        FeatureCache.save(job.path, tensors, job.meta)
+        out[job.name] = tensors
+    return out
+
+
+def extract_features(
+    refs: Sequence[ModelRef],
+    splits: Sequence[Split],
+    *,
+    kind: Literal["pooled", "patch"],
+    cache: FeatureCache,
+    batch_size: int,
+    num_workers: int,
+    device: str,
+    progress: ProgressFn = _no_progress,
+) -> dict[str, dict[str, dict[str, torch.Tensor]]]:
+    """Features of each split for every model: from the cache, or from one shared pass per split.
+
+    A model is loaded (once) only when some split misses the cache. Returns split name -> model name ->
+    {"summary": [M, D], "patch_mean": [M, D]} (kind `pooled`, float32) or {"patch": [M, N, D] (float16),
+    "grid": [M, 2]} (kind `patch`), plus "ok" [M] marking readable images.
+    """
+    out: dict[str, dict[str, dict[str, torch.Tensor]]] = {split.name: {} for split in splits}
+    missing: dict[str, list[ModelRef]] = {split.name: [] for split in splits}
+    for split in splits:
+        for ref in refs:
+            cached = cache.load(cache.path(ref, split, kind))
+            if cached is not None:
+                log.info("%s: %s features of %s/ from the cache", ref.name, kind, split.name)
+                out[split.name][ref.name] = cached
+            else:
+                missing[split.name].append(ref)
+    encoders = {ref.name: load_encoder(ref, device=device) for ref in refs
+                if any(ref in m for m in missing.values())}
+
+    def job(ref: ModelRef, split: Split) -> Job:
+        encoder = encoders[ref.name]
+
+        def fn(images_BCHW):
+            summary_BD, patch_BND, grid = encoder(images_BCHW)
+            if kind == "pooled":
+                return {"summary": summary_BD, "patch_mean": patch_BND.mean(dim=1)}
+            return {"patch": patch_BND.half(), "grid": torch.tensor(grid).expand(patch_BND.shape[0], 2)}
+
+        meta = {"model": ref.name, "identity": ref.identity, "split": str(split.root), "kind": kind}
+        return Job(ref.name, ref.image_size, cache.path(ref, split, kind), fn, meta)
+
+    for split in splits:
+        if missing[split.name]:
+            jobs = [job(ref, split) for ref in missing[split.name]]
+            out[split.name].update(run_jobs(jobs, split, stretch=kind == "patch", batch_size=batch_size,
+                                            num_workers=num_workers, device=device, progress=progress))
+    return out
+
+
+def load_targets(split: Split, kind: Literal["mask", "depth"], *, cache: FeatureCache, depth_scale: float,
+                 num_workers: int, progress: ProgressFn = _no_progress) -> torch.Tensor:
+    """Masks (uint8 or int32) or depth maps (float32) of a dense split, all at the first target's size, cached.
+
+    Masks keep their native resolution (predictions are upsampled to it); a split whose targets differ in size
+    is resized (nearest) to the first one's, so every pixel counts once in the metrics.
+    """
+    size = tuple(read_target(split.targets[0], kind, depth_scale=depth_scale).shape)
+    path = cache.target_path(split, kind, size, depth_scale)
+    cached = cache.load(path)
+    if cached is not None:
+        return cached["targets"]
+    loader = torch.utils.data.DataLoader(_TargetDataset(split.targets, kind, size, depth_scale), batch_size=32,
+                                         num_workers=num_workers)
+    chunks, done = [], 0
+    label = f"{split.name}: {'masks' if kind == 'mask' else 'depth maps'}"
+    for batch in loader:
+        chunks.append(batch)
+        done += len(batch)
+        progress(label, done, len(split.targets))
+    targets = torch.cat(chunks)
+    if kind == "mask":  # uint8 when the labels allow it: 4x less disk and memory than int32
+        fits = bool((targets >= 0).all()) and bool((targets <= 255).all())
+        targets = targets.to(torch.uint8 if fits else torch.int32)
+    else:
+        targets = targets.float()
+    cache.save(path, {"targets": targets}, {"split": str(split.root), "size": size})
+    return targets

@@ -1,0 +1,220 @@
+"""probe.json (merged across calls), probe.md, and the Fig. 1-style chart of each model relative to the best teacher.
+
+probe.json layout (format "unic-probe", version 1)::
+
+    {"format": "unic-probe", "format_version": 1, "unic_version": "0.1.0",
+     "results": {MODEL: {TASK_KEY: {metric: value, ...}}},        # model -> task -> metrics
+     "models":  {MODEL: {"kind": "student" | "teacher"}},
+     "tasks":   {TASK_KEY: {"task": "knn", "data": "/abs/dataset", "split": "val",
+                            "primary": "top1_k20", "higher_is_better": true}},
+     "rows":    [{"model", "kind", "task", "data", "split", "metric", "score", ...}]}  # flat, for model cards
+
+TASK_KEY is `task/dataset-folder-name` (e.g. `knn/hymenoptera`), so one file holds several datasets.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from pathlib import Path
+from typing import Any
+
+from unic_cli import __version__
+
+FORMAT = "unic-probe"
+FORMAT_VERSION = 1
+
+# task -> (primary metric, higher is better); the paper reports depth as RMSE
+PRIMARY: dict[str, tuple[str, bool]] = {
+    "knn": ("top1_k{k}", True),
+    "linear": ("top1", True),
+    "seg": ("miou", True),
+    "depth": ("rmse", False),
+    "zeroshot": ("top1", True),
+}
+
+
+def empty_report() -> dict[str, Any]:
+    return {"format": FORMAT, "format_version": FORMAT_VERSION, "unic_version": __version__, "results": {},
+            "models": {}, "tasks": {}, "rows": []}
+
+
+def read_report(path: Path) -> dict[str, Any]:
+    """An earlier probe.json, or an empty report when there is none (or it is not ours)."""
+    if not path.is_file():
+        return empty_report()
+    try:
+        report = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError):
+        return empty_report()
+    if not isinstance(report, dict) or report.get("format") != FORMAT:
+        return empty_report()
+    return report
+
+
+def merge(base: dict[str, Any], new: dict[str, Any]) -> dict[str, Any]:
+    """`new` over `base`: a (model, task) measured again replaces the older numbers."""
+    out = empty_report()
+    for report in (base, new):
+        for model, tasks in report["results"].items():
+            out["results"].setdefault(model, {}).update(tasks)
+        out["models"].update(report["models"])
+        out["tasks"].update(report["tasks"])
+    out["rows"] = flat_rows(out)
+    return out
+
+
+def score(report: dict[str, Any], model: str, task_key: str) -> float | None:
+    metrics = report["results"].get(model, {}).get(task_key)
+    if not metrics:
+        return None
+    value = metrics.get(report["tasks"][task_key]["primary"])
+    return float(value) if isinstance(value, (int, float)) and math.isfinite(value) else None
+
+
+def flat_rows(report: dict[str, Any]) -> list[dict[str, Any]]:
+    """One flat row per (model, task): what the exported model card shows."""
+    rows = []
+    for task_key, info in report["tasks"].items():
+        for model, tasks in report["results"].items():
+            if task_key not in tasks:
+                continue
+            metrics = {k: v for k, v in tasks[task_key].items() if isinstance(v, (int, float, str))}
+            rows.append({"model": model, "kind": report["models"].get(model, {}).get("kind", "teacher"),
+                         "task": info["task"], "data": Path(info["data"]).name, "split": info["split"],
+                         "metric": info["primary"], "score": score(report, model, task_key), **metrics})
+    return rows
+
+
+def relative_scores(report: dict[str, Any]) -> dict[str, dict[str, float]]:
+    """task key -> model -> relative gain (%) over the best teacher on that task (best model without teachers).
+
+    For a lower-is-better metric (depth RMSE) the gain is best / score - 1, so positive always means better.
+    """
+    out = {}
+    for task_key, info in report["tasks"].items():
+        scores = {m: s for m in report["results"] if (s := score(report, m, task_key)) is not None}
+        if not scores:
+            continue
+        teachers = [s for m, s in scores.items() if report["models"].get(m, {}).get("kind") == "teacher"]
+        pool = teachers or list(scores.values())
+        higher = info["higher_is_better"]
+        best = max(pool) if higher else min(pool)
+        rel = {}
+        for model, value in scores.items():
+            if higher:
+                rel[model] = 100.0 * (value / best - 1.0) if best > 0 else 0.0
+            else:
+                rel[model] = 100.0 * (best / value - 1.0) if value > 0 else 0.0
+        out[task_key] = rel
+    return out
+
+
+def _fmt(value: Any) -> str:
+    if isinstance(value, float):
+        return f"{value:.4f}" if abs(value) < 100 else f"{value:.4g}"
+    return str(value)
+
+
+def metric_columns(report: dict[str, Any], task_key: str) -> list[str]:
+    """The numeric metrics of a task, primary first, in first-seen order."""
+    primary = report["tasks"][task_key]["primary"]
+    seen: list[str] = [primary]
+    for tasks in report["results"].values():
+        for name, value in tasks.get(task_key, {}).items():
+            if name not in seen and isinstance(value, (int, float)) and not isinstance(value, bool):
+                seen.append(name)
+    return seen
+
+
+def render_markdown(report: dict[str, Any]) -> str:
+    """probe.md: one table per task, plus each model's gain over the best teacher."""
+    relative = relative_scores(report)
+    lines = ["# unic probe", "", "Gain: the primary metric relative to the best teacher on that task (to the best "
+             "model when no teacher was probed); positive means better.", ""]
+    for task_key, info in report["tasks"].items():
+        columns = metric_columns(report, task_key)
+        lines += [f"## {task_key}", "", f"`{info['data']}`, evaluated on {info['split']}/; primary metric "
+                  f"**{info['primary']}** ({'higher' if info['higher_is_better'] else 'lower'} is better).", ""]
+        lines.append("| model | kind | " + " | ".join(columns) + " | gain |")
+        lines.append("|---|---|" + "---|" * (len(columns) + 1))
+        for model, tasks in report["results"].items():
+            if task_key not in tasks:
+                continue
+            kind = report["models"].get(model, {}).get("kind", "teacher")
+            cells = [_fmt(tasks[task_key].get(c, "")) for c in columns]
+            gain = relative.get(task_key, {}).get(model)
+            lines.append(f"| {model} | {kind} | " + " | ".join(cells) + f" | {'' if gain is None else f'{gain:+.1f}%'} |")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def plot_chart(report: dict[str, Any], path: Path) -> Path | None:
+    """Grouped bars: each model's relative gain (%) over the best teacher, per task (UNIC paper, Fig. 1)."""
+    relative = relative_scores(report)
+    if not relative:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only: never open a window, works without a display
+    import matplotlib.pyplot as plt
+
+    tasks = list(relative)
+    models = list(report["results"])
+    width = 0.8 / max(len(models), 1)
+    fig, ax = plt.subplots(figsize=(max(5.0, 1.3 * len(tasks) * max(1, len(models)) ** 0.5 + 2), 4.0))
+    colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    for i, model in enumerate(models):
+        xs = [t + (i - (len(models) - 1) / 2) * width for t in range(len(tasks))]
+        ys = [relative[task].get(model, math.nan) for task in tasks]
+        kind = report["models"].get(model, {}).get("kind", "teacher")
+        bars = ax.bar(xs, [0 if math.isnan(y) else y for y in ys], width, label=f"{model} ({kind})",
+                      color=colours[i % len(colours)], hatch=None if kind == "student" else "//",
+                      edgecolor="black", linewidth=0.5)
+        for bar, y in zip(bars, ys):
+            if not math.isnan(y):
+                ax.annotate(f"{y:+.1f}", (bar.get_x() + bar.get_width() / 2, y), ha="center",
+                            va="bottom" if y >= 0 else "top", fontsize=7)
+    ax.axhline(0, color="black", linewidth=0.8)
+    ax.set_xticks(range(len(tasks)), [f"{t}\n({report['tasks'][t]['primary']})" for t in tasks], fontsize=8)
+    has_teacher = any(m.get("kind") == "teacher" for m in report["models"].values())
+    ax.set_ylabel(f"relative gain over the best {'teacher' if has_teacher else 'model'} (%)")
+    ax.set_title("unic probe: each model vs the best teacher per task")
+    ax.legend(fontsize=7, loc="best")
+    ax.grid(axis="y", alpha=0.3)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def _finite(value: Any) -> Any:
+    """NaN and infinity are not JSON: they become null."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_finite(v) for v in value]
+    return value
+
+
+def write_json(path: Path, report: dict[str, Any]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    tmp.write_text(json.dumps(_finite(report), indent=2, allow_nan=False) + "\n", encoding="utf-8")
+    tmp.replace(path)
+
+
+def write_report(out_dir: Path, new: dict[str, Any]) -> tuple[dict[str, Any], list[Path]]:
+    """Merge `new` into OUT/probe.json and rewrite probe.json, probe.md and probe.png from the merged report."""
+    merged = merge(read_report(out_dir / "probe.json"), new)
+    write_json(out_dir / "probe.json", merged)
+    (out_dir / "probe.md").write_text(render_markdown(merged), encoding="utf-8")
+    files = [out_dir / "probe.json", out_dir / "probe.md"]
+    chart = plot_chart(merged, out_dir / "probe.png")
+    if chart is not None:
+        files.append(chart)
+    return merged, files
