@@ -155,7 +155,9 @@ def load_into(
         optional: keys that may be missing or unexpected (a classifier the teacher drops anyway).
     """
     own = model.state_dict()
-    missing = sorted(k for k in own if k not in state and not optional(k))
+    # BatchNorm's `num_batches_tracked` counter appeared in torch 0.4.1; older checkpoints lack it and torch
+    # itself loads them (the counter only matters for momentum=None), so its absence is no mismatch.
+    missing = sorted(k for k in own if k not in state and not optional(k) and not k.endswith(".num_batches_tracked"))
     unexpected = sorted(k for k in state if k not in own and not optional(k))
     mismatched = [
         f"{k} (file {tuple(state[k].shape)}, model {tuple(own[k].shape)})"
