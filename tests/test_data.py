@@ -343,3 +343,13 @@ def test_tar_shards__corrupt_member_skipped_and_damaged_shard_partly_used(tmp_pa
 def test_tar_shards__missing_pattern_member_is_a_data_error(tmp_path) -> None:
     with pytest.raises(DataError, match="2 of the 2 shards"):
         build_train_loader(str(tmp_path / "s-{0..1}.tar"), image_size=SIZE, batch_size=1, num_workers=0, seed=0)
+
+
+def test_train_loader__leaves_the_global_rng_untouched(tiny_images):
+    from unic_cli.data import build_train_loader
+
+    loader = build_train_loader(tiny_images, image_size=32, batch_size=4, num_workers=0, seed=0, augment="none")
+    torch.manual_seed(123)
+    before = torch.get_rng_state()
+    next(iter(loader))
+    assert torch.equal(torch.get_rng_state(), before)

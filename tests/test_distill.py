@@ -37,13 +37,14 @@ def tiny_hf_dinov2(tmp_path_factory):
 
 def test_run__timm_and_hf_teachers_loss_falls_and_every_file_parses(tiny_hf_dinov2, tiny_images, tmp_path):
     teachers = ("timm:test_vit", f"hf:{tiny_hf_dinov2}")  # two libraries, patch 16 and patch 14
-    config = _config(teachers, tiny_images, tmp_path / "run")
+    # 40 steps, not 20: at 20 the loss ratio sits at 0.845, too close to the bar for a test that must not flake
+    config = _config(teachers, tiny_images, tmp_path / "run", steps=40, checkpoint_every=20)
     result = run(config)
-    assert result.status == "done" and result.step == 20
+    assert result.status == "done" and result.step == 40
     run_dir = tmp_path / "run"
 
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    assert [r["step"] for r in rows] == list(range(1, 21))
+    assert [r["step"] for r in rows] == list(range(1, 41))
     first, last = sum(r["loss"] for r in rows[:5]) / 5, sum(r["loss"] for r in rows[-5:]) / 5
     assert last < 0.85 * first, (first, last)
     for key in ("t0", "t1"):
@@ -55,20 +56,20 @@ def test_run__timm_and_hf_teachers_loss_falls_and_every_file_parses(tiny_hf_dino
     for png in ("losses.png", "teacher_coefficients.png"):
         assert (run_dir / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     names = sorted(p.name for p in (run_dir / "checkpoints").iterdir())
-    assert names == ["last.pt", "step_0000010.pt", "step_0000020.pt"]
+    assert names == ["last.pt", "step_0000020.pt", "step_0000040.pt"]
     ckpt = load_checkpoint(run_dir)  # weights_only=True
-    assert ckpt["step"] == 20 and ckpt["teacher_specs"] == list(teachers)
+    assert ckpt["step"] == 40 and ckpt["teacher_specs"] == list(teachers)
     assert ckpt["student"]["name"] == "test_vit" and "norm.weight" in ckpt["student"]["state_dict"]
     assert ckpt["ladder_meta"] == {"blocks": [0, 1, 2, 3, 4, 5], "shared_heads": False, "hidden_dim": 64,
                                    "last_hidden_dim": 256, "std_eps": 1e-6, "standardize": True}
     assert "heads.t1.summary.b5.fc2.weight" in ckpt["ladder"] and "t0.patch.var_D" in ckpt["standardizers"]
-    assert ckpt["last_metrics"]["loss"] == rows[-1]["loss"] and ckpt["data"]["epoch"] == 5
+    assert ckpt["last_metrics"]["loss"] == rows[-1]["loss"] and ckpt["data"]["epoch"] == 10
 
     plan = plan_distillation(config)  # the dry run promises the real run's shapes and sizes
     real = json.loads((run_dir / "run.json").read_text())
     for key in ("student", "teachers", "ladder"):
         assert plan[key] == real[key]
-    assert plan["data"]["total_steps"] == 20 and plan["flops_per_image"]["train_step"] > 0
+    assert plan["data"]["total_steps"] == 40 and plan["flops_per_image"]["train_step"] > 0
     assert plan["student"]["grid"] == [4, 4] and [t["grid"] for t in plan["teachers"]] == [[4, 4], [4, 4]]
     assert [t["input_size"] for t in plan["teachers"]] == [[64, 64], [56, 56]]
 

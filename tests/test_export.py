@@ -296,7 +296,7 @@ def _heldout_images(shared_data, n: int = 32) -> torch.Tensor:
     return torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).contiguous()
 
 
-@pytest.mark.slow  # about 8 s on 2 idle cores (a 40-step distillation); run with -m slow
+# about 8 s on 2 idle cores (a 40-step distillation on the real hymenoptera images)
 def test_export_student__real_run_round_trips_through_timm_and_transformers(real_run, shared_data):
     import timm
     from transformers import AutoModel
@@ -317,7 +317,7 @@ def test_export_student__real_run_round_trips_through_timm_and_transformers(real
     assert (out / "model.safetensors").stat().st_size < (run_dir / "checkpoints" / "last.pt").stat().st_size
 
 
-@pytest.mark.slow  # about 8 s on 2 idle cores (a 40-step distillation); run with -m slow
+# about 8 s on 2 idle cores (a 40-step distillation on the real hymenoptera images)
 def test_load_student__real_heads_match_training_cosine_on_heldout_images(real_run, shared_data):
     run_dir, out, teachers = real_run
     student = load_student(out)

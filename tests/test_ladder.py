@@ -51,3 +51,27 @@ def test_parse_ladder_blocks__always_includes_the_last_block(spec, blocks):
 def test_parse_ladder_blocks__out_of_range_is_a_config_error():
     with pytest.raises(ConfigError, match=r"block\(s\) \[7\] out of range"):
         parse_ladder_blocks("1,7", 4)
+
+
+@pytest.mark.parametrize("shared", [False, True])
+def test_ladder__fused_forward_equals_per_head_calls_with_gradients(shared):
+    torch.manual_seed(0)
+    dims = [(24, 24), (None, 8)] if not shared else [(24, 24), (None, 8), (12, 12)]
+    ladder = LadderProjector(in_dim=16, teacher_dims=dims, blocks=(0, 1, 2, 3), num_blocks=4, shared_heads=shared,
+                             hidden_dim=16, last_hidden_dim=64)
+    taps = _taps()
+
+    def run(fused):
+        ladder.fused = fused
+        ladder.zero_grad()
+        preds = ladder(taps)
+        sum(p.square().sum() for pred in preds for p in pred.values()).backward()
+        return preds, {n: p.grad.clone() for n, p in ladder.named_parameters()}
+
+    (fused, fused_grads), (plain, plain_grads) = run(True), run(False)
+    assert [set(p) for p in fused] == [set(p) for p in plain]
+    for a, b in zip(fused, plain):
+        for kind in a:
+            torch.testing.assert_close(a[kind], b[kind])
+    for name in plain_grads:
+        torch.testing.assert_close(fused_grads[name], plain_grads[name])

@@ -222,6 +222,12 @@ class DistillConfig(CommandConfig):
         keep_checkpoints: newest step_*.pt files to keep (0 keeps all).
         skip_nonfinite: skip an optimiser step whose loss is NaN/inf instead of stopping.
         random_init_teachers: random teacher weights (tests and benchmarks; nothing is downloaded).
+        teacher_dtype: "auto" (bf16 where the device has fast bf16 matrix units: CUDA, or a CPU with AVX512-BF16/AMX;
+            else fp32), "bf16" or "fp32": the frozen teachers' weights and compute.
+        student_dtype: "auto" (bf16 autocast on CUDA, fp32 on CPU), "bf16" or "fp32": student and ladder compute
+            (weights, AdamW and losses stay fp32).
+        compile: `torch.compile` the student, ladder and teachers (slow first steps, faster afterwards).
+        fsdp: shard the student, ladder and AdamW state with FSDP2 `fully_shard` instead of DDP (big students).
     """
 
     command: ClassVar[str] = "distill"
@@ -260,6 +266,10 @@ class DistillConfig(CommandConfig):
     keep_checkpoints: int = 3
     skip_nonfinite: bool = False
     random_init_teachers: bool = False
+    teacher_dtype: str = "auto"
+    student_dtype: str = "auto"
+    compile: bool = False
+    fsdp: bool = False
 
     DEFAULT_EPOCHS: ClassVar[int] = 100
 
@@ -281,7 +291,9 @@ class DistillConfig(CommandConfig):
                 problems.append(str(err))
         if dupes := sorted({t for t in self.teachers if self.teachers.count(t) > 1}):
             problems.append(f"--teachers lists {', '.join(map(repr, dupes))} more than once")
-        if not self.data_dir.is_dir():
+        # a single .tar / .parquet file or a shard brace pattern is data too (the loader checks it in detail)
+        shard_file = self.data_dir.is_file() and self.data_dir.suffix.lower() in (".tar", ".parquet")
+        if not (self.data_dir.is_dir() or shard_file or "{" in str(self.data_dir)):
             what = "is not a folder" if self.data_dir.exists() else "does not exist"
             problems.append(f"--data {str(self.data_dir)!r} {what}; give a folder of images")
         if self.out_dir.exists() and not self.out_dir.is_dir():
@@ -322,6 +334,9 @@ class DistillConfig(CommandConfig):
         device = self.device
         if not (device in ("auto", "cpu", "cuda") or (device.startswith("cuda:") and device[5:].isdigit())):
             problems.append(f"--device must be auto, cpu, cuda or cuda:N, got {device!r}")
+        for name in ("teacher_dtype", "student_dtype"):
+            if getattr(self, name) not in ("auto", "bf16", "fp32"):
+                problems.append(f"--{name.replace('_', '-')} must be auto, bf16 or fp32, got {getattr(self, name)!r}")
         return problems
 
 
@@ -450,4 +465,35 @@ class ProbeConfig(CommandConfig):
         device = self.device
         if not (device in ("auto", "cpu", "cuda") or (device.startswith("cuda:") and device[5:].isdigit())):
             problems.append(f"--device must be auto, cpu, cuda or cuda:N, got {device!r}")
+        return problems
+
+
+@dataclass(frozen=True, kw_only=True)
+class BenchConfig(DistillConfig):
+    """`unic bench`: every DistillConfig field (same flags), timing the training step with random weights.
+
+    Attributes:
+        data_dir: optional here: without it the step is fed a fixed random uint8 batch (no decoding timed).
+        steps: timed steps (after `warmup` untimed ones).
+        warmup: untimed steps first (allocator, autotuning, compilation).
+        try_batch_sizes: per-process batch sizes to try in turn (the largest that fits and the fastest are
+            reported); empty: `batch_size` only.
+    """
+
+    command: ClassVar[str] = "bench"
+
+    data_dir: Path | None = None
+    steps: int | None = 5
+    warmup: int = 2
+    try_batch_sizes: tuple[int, ...] = ()
+
+    def problems(self) -> list[str]:
+        from dataclasses import replace
+
+        # The distill checks, with "no data" standing for the synthetic batch (an existing folder passes them).
+        problems = DistillConfig.problems(replace(self, data_dir=self.data_dir or Path(".")))
+        if self.warmup < 0:
+            problems.append(f"--warmup must be >= 0, got {self.warmup}")
+        if any(b < 1 for b in self.try_batch_sizes):
+            problems.append(f"--try-batch-sizes must all be >= 1, got {list(self.try_batch_sizes)}")
         return problems

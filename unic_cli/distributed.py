@@ -1,7 +1,12 @@
-"""The one place that reads the torchrun environment (rank, world size), plus collective helpers.
+"""The one place that reads the torchrun environment (rank, world size), plus process-group and collective helpers.
 
 Below `commands/`, nothing else reads environment variables. When no process group is initialised (the
-single-process case), every helper is a no-op, so library code can call them unconditionally.
+single-process case), every collective helper is a no-op, so library code can call them unconditionally.
+
+Data parallelism is torch's own: `torchrun` starts one process per device, `setup()` joins the process group
+(NCCL on GPUs, gloo on CPU), and `wrap()` puts the trainable `DistillModel` (student + ladder, one module, so
+DDP never needs `find_unused_parameters`) under DistributedDataParallel or, with `fsdp=True`, FSDP2's
+`fully_shard` (parameters, gradients and AdamW moments sharded per block; for students too big for DDP).
 """
 
 from __future__ import annotations
@@ -10,6 +15,7 @@ import os
 from dataclasses import dataclass
 
 import torch
+from torch import nn
 
 
 @dataclass(frozen=True)
@@ -35,9 +41,151 @@ def is_initialized() -> bool:
     return torch.distributed.is_available() and torch.distributed.is_initialized()
 
 
+def setup(dist: DistInfo, device: torch.device, *, fsdp: bool = False) -> tuple[torch.device, bool]:
+    """Join the process group of a multi-process launch; returns (this process's device, whether we created it).
+
+    A CUDA run uses NCCL and `cuda:LOCAL_RANK`; a CPU run uses gloo. A single process does nothing, except
+    with `fsdp` (FSDP2 needs a process group): then it makes a one-process group on a free local port.
+    """
+    if dist.world_size == 1 and not fsdp:
+        return device, False
+    if device.type == "cuda":
+        device = torch.device("cuda", dist.local_rank)
+        torch.cuda.set_device(device)
+    if is_initialized():
+        return device, False
+    backend = "nccl" if device.type == "cuda" else "gloo"
+    # device_id binds NCCL to this GPU up front (no guessing in the first collective)
+    kwargs = {"device_id": device} if device.type == "cuda" else {}
+    if "MASTER_ADDR" not in os.environ:  # not under torchrun: a one-process group
+        import socket
+
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        kwargs.update(init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)
+    torch.distributed.init_process_group(backend=backend, **kwargs)
+    return device, True
+
+
+def teardown(created: bool) -> None:
+    if created and is_initialized():
+        torch.distributed.destroy_process_group()
+
+
+def barrier() -> None:
+    if is_initialized():
+        torch.distributed.barrier()
+
+
 def all_reduce_mean_(tensor: torch.Tensor) -> torch.Tensor:
     """Average `tensor` in place across processes (no-op without a process group); no host sync."""
     if is_initialized() and (world_size := torch.distributed.get_world_size()) > 1:
         torch.distributed.all_reduce(tensor)  # SUM then divide: gloo has no AVG
         tensor.div_(world_size)
     return tensor
+
+
+def broadcast_object(obj, src: int = 0):
+    """Rank `src`'s Python object on every rank (identity without a process group)."""
+    if not is_initialized():
+        return obj
+    holder = [obj]
+    torch.distributed.broadcast_object_list(holder, src=src)
+    return holder[0]
+
+
+def wrap(model: nn.Module, device: torch.device, *, fsdp: bool) -> nn.Module:
+    """The module the training step calls: `model` itself (one process), DDP, or FSDP2-sharded in place.
+
+    DDP: no `find_unused_parameters` (every trainable parameter is used in every step; `Student` freezes the
+    classifier-side modules its taps never reach), no buffer broadcast (the standardiser statistics are
+    all-reduced, hence already equal on every rank). FSDP2: each student block and each teacher's ladder is
+    its own shard group, the rest (embeddings, final norm, ladder) forms the root group.
+    """
+    if fsdp:
+        import warnings
+
+        from torch.distributed.fsdp import fully_shard
+
+        # The ladder's predictions are reshaped views; nothing modifies them in place, which is all it warns of.
+        warnings.filterwarnings("ignore", message="FSDP2-wrapped module .* returned a view tensor")
+
+        for block in model.student.model.blocks:
+            fully_shard(block)
+        fully_shard(model)  # the ladder (its weights are read directly, not called) joins the root group
+        return model
+    if not is_initialized():
+        return model
+    from torch.nn.parallel import DistributedDataParallel
+
+    device_ids = [device.index] if device.type == "cuda" else None
+    return DistributedDataParallel(model, device_ids=device_ids, broadcast_buffers=False,
+                                   gradient_as_bucket_view=True)
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """The DistillModel inside a DDP wrapper (FSDP2 shards in place, so its module is the model itself)."""
+    return getattr(model, "module", model)
+
+
+def full_state_dict(module: nn.Module, fsdp: bool) -> dict:
+    """A plain (unsharded, CPU) state dict of `module`; with FSDP every rank must call it (it gathers)."""
+    if not fsdp:
+        return module.state_dict()
+    from torch.distributed.tensor import DTensor
+
+    out = {}
+    for key, value in module.state_dict().items():
+        if isinstance(value, DTensor):
+            value = value.full_tensor()  # a collective: all ranks, same order
+        out[key] = value.detach().cpu()
+    return out
+
+
+def load_full_state_dict(module: nn.Module, state: dict, fsdp: bool) -> None:
+    """Load a plain state dict into `module`, sharding each tensor like the module's own (FSDP) or as is."""
+    if not fsdp:
+        module.load_state_dict(state)
+        return
+    from torch.distributed.tensor import DTensor, distribute_tensor
+
+    own = module.state_dict()
+    sharded = {}
+    for key, value in state.items():
+        target = own[key]
+        if isinstance(target, DTensor):
+            sharded[key] = distribute_tensor(value.to(target.device, target.dtype), target.device_mesh,
+                                             target.placements)
+        else:
+            sharded[key] = value
+    module.load_state_dict(sharded)
+
+
+def full_optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer, fsdp: bool) -> dict:
+    """`optimizer.state_dict()` with every sharded moment gathered (plain tensors, index-keyed as usual)."""
+    state = optimizer.state_dict()
+    if not fsdp:
+        return state
+    from torch.distributed.tensor import DTensor
+
+    def full(value):
+        return value.full_tensor().cpu() if isinstance(value, DTensor) else value
+
+    return {"state": {i: {k: full(v) for k, v in s.items()} for i, s in state["state"].items()},
+            "param_groups": state["param_groups"]}
+
+
+def load_optimizer_state(optimizer: torch.optim.Optimizer, state: dict, fsdp: bool) -> None:
+    """Load a plain (index-keyed, unsharded) optimizer state, sharding moments like their parameters."""
+    if fsdp:
+        from torch.distributed.tensor import DTensor, distribute_tensor
+
+        params = [p for group in optimizer.param_groups for p in group["params"]]
+        sharded = {}
+        for i, s in state["state"].items():
+            p = params[int(i)]
+            sharded[i] = {k: distribute_tensor(v.to(p.device, v.dtype), p.device_mesh, p.placements)
+                          if isinstance(p, DTensor) and torch.is_tensor(v) and v.ndim else v for k, v in s.items()}
+        state = {"state": sharded, "param_groups": state["param_groups"]}
+    optimizer.load_state_dict(state)

@@ -9,6 +9,7 @@ peak-memory estimate. `describe` gives both the same dict, so a dry run can be c
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from collections.abc import Sequence
 
@@ -25,20 +26,30 @@ log = logging.getLogger("unic_cli")
 
 
 class DistillModel(nn.Module):
-    """Everything trainable (student + ladder) plus the standardisation buffers, in one module for DDP."""
+    """Everything trainable (student + ladder) plus the standardisation buffers, in one module for DDP/FSDP.
 
-    def __init__(self, student: Student, ladder: LadderProjector, standardizers: TeacherStandardizers | None) -> None:
+    `forward` is the part with parameters (student and ladder, under bf16 autocast when `student_bf16`), so it
+    is what DDP wraps; `losses` standardises the targets and computes the losses outside the wrapper (it has
+    buffers only).
+    """
+
+    def __init__(self, student: Student, ladder: LadderProjector, standardizers: TeacherStandardizers | None,
+                 *, student_bf16: bool = False) -> None:
         super().__init__()
         self.student, self.ladder, self.standardizers = student, ladder, standardizers
+        self.student_bf16 = student_bf16
 
-    def forward(self, images_BCHW: torch.Tensor, targets: Sequence, momentum: float | None) -> TeacherLosses:
-        """uint8 images and each teacher's TeacherTokens -> per-teacher losses (standardising targets first).
+    def forward(self, images_BCHW: torch.Tensor) -> list[dict[str, torch.Tensor]]:
+        """uint8 images -> per teacher {"summary": pred_BE, "patch": pred_BNE} (bf16 under autocast)."""
+        x = self.student.normalize(images_BCHW)
+        with torch.autocast("cpu" if x.is_meta else x.device.type, dtype=torch.bfloat16, enabled=self.student_bf16):
+            return self.ladder(self.student(x, self.ladder.blocks))
+
+    def losses(self, preds: Sequence[dict], targets: Sequence, momentum: float | None) -> TeacherLosses:
+        """Predictions and each teacher's TeacherTokens -> per-teacher losses (standardising targets first).
 
         `momentum` is this step's EMA momentum (None freezes the statistics).
         """
-        x = self.student.normalize(images_BCHW)
-        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=x.is_cuda):  # fp32 on CPU
-            preds = self.ladder(self.student(x, self.ladder.blocks))
         standardized = []
         for i, tokens in enumerate(targets):
             kinds = {"patch": tokens.patch_BND}
@@ -50,19 +61,48 @@ class DistillModel(nn.Module):
         return teacher_losses(preds, standardized)
 
 
+def resolve_dtypes(config: DistillConfig, device: torch.device) -> tuple[torch.dtype, bool]:
+    """(teacher weight dtype, student under bf16 autocast) for `config.teacher_dtype`/`student_dtype` on `device`.
+
+    "auto" teachers are bf16 wherever bf16 matrix products are fast (CUDA; a CPU with AVX512-BF16 or AMX, where
+    they ran 4-5x faster than fp32 on 2 threads); "auto" students are bf16 on CUDA only, fp32 on CPU.
+    """
+    fast_bf16 = device.type == "cuda" or (device.type == "cpu" and torch.backends.mkldnn.is_available()
+                                          and torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    teacher_bf16 = config.teacher_dtype == "bf16" or (config.teacher_dtype == "auto" and fast_bf16)
+    student_bf16 = config.student_dtype == "bf16" or (config.student_dtype == "auto" and device.type == "cuda")
+    return (torch.bfloat16 if teacher_bf16 else torch.float32), student_bf16
+
+
 def teacher_dims(teachers) -> list[tuple[int | None, int]]:
     return [(t.card.summary_dim if t.card.has_summary else None, t.card.patch_dim) for t in teachers]
 
 
-def build_teachers(config: DistillConfig, grid: tuple[int, int], device: str | torch.device) -> list[nn.Module]:
-    """Every teacher, frozen, at the student's grid; random weights on the meta device or when asked."""
+def build_teachers(config: DistillConfig, grid: tuple[int, int], device: str | torch.device,
+                   dtype: torch.dtype = torch.float32, *, init_on_device: bool = False) -> list[nn.Module]:
+    """Every teacher, frozen, at the student's grid; random weights on the meta device or when asked.
+
+    `dtype` converts the backbone's weights (bf16 teachers are run under autocast, which then casts nothing);
+    ConvNet teachers are put in channels-last memory format, which their convolutions run faster in.
+    `init_on_device` builds random teachers directly on `device` (a 1B-parameter init on the host is slow).
+    """
     from unic_cli.teachers import load_teacher
 
     pretrained = not config.random_init_teachers and str(device) != "meta"
-    return [load_teacher(spec, grid=grid, pretrained=pretrained, device=device) for spec in config.teachers]
+    teachers = []
+    for spec in config.teachers:
+        with torch.device(device) if init_on_device and not pretrained else contextlib.nullcontext():
+            teacher = load_teacher(spec, grid=grid, pretrained=pretrained, device=device)
+        if dtype != torch.float32:
+            teacher.backbone.to(dtype)
+        if teacher.card.family == "convnet":
+            teacher.backbone.to(memory_format=torch.channels_last)
+        teachers.append(teacher)
+    return teachers
 
 
-def build_model(config: DistillConfig, teachers: Sequence[nn.Module], student: Student) -> DistillModel:
+def build_model(config: DistillConfig, teachers: Sequence[nn.Module], student: Student, *,
+                student_bf16: bool = False) -> DistillModel:
     blocks = parse_ladder_blocks(config.ladder_blocks, student.num_blocks)
     dims = teacher_dims(teachers)
     ladder = LadderProjector(
@@ -71,7 +111,7 @@ def build_model(config: DistillConfig, teachers: Sequence[nn.Module], student: S
         last_hidden_dim=config.ladder_last_hidden or 4 * student.embed_dim,
     )
     standardizers = TeacherStandardizers(dims, eps=config.std_eps) if config.standardize else None
-    return DistillModel(student, ladder, standardizers)
+    return DistillModel(student, ladder, standardizers, student_bf16=student_bf16)
 
 
 def ladder_meta(config: DistillConfig, model: DistillModel) -> dict:
@@ -130,6 +170,36 @@ def _saved_activation_bytes(fn) -> int:
     return sum(seen.values())
 
 
+def build_meta(config: DistillConfig) -> tuple[DistillModel, list[nn.Module]]:
+    """The run's modules on the meta device: shapes and FLOPs without weights or memory."""
+    with torch.device("meta"):
+        student = build_student(config.student, image_size=config.image_size, drop_path_rate=config.drop_path_rate)
+        teachers = build_teachers(config, student.grid, "meta")
+        model = build_model(config, teachers, student)
+    return model, teachers
+
+
+def _meta_step(config: DistillConfig, model: DistillModel, teachers: Sequence[nn.Module], batch: int):
+    images = torch.empty(batch, 3, config.image_size, config.image_size, dtype=torch.uint8, device="meta")
+    targets = [t(torch.empty(batch, 3, *t.input_size, device="meta")) for t in teachers]
+    return lambda: model.losses(model(images), targets, momentum=None).loss_TB.mean()
+
+
+def flops_per_image(config: DistillConfig, model: DistillModel | None = None,
+                    teachers: Sequence[nn.Module] | None = None) -> dict:
+    """FLOPs per image of one training step (torch.utils.flop_counter on the meta device).
+
+    Returns {"teachers": [forward FLOPs per teacher], "student_and_ladder_forward": int, "train_step": int};
+    the step counts teachers forward plus student and ladder forward and backward (backward ~ 2x forward).
+    """
+    if model is None:
+        model, teachers = build_meta(config)
+    teacher_flops = [_count_flops(lambda t=t: t(torch.empty(1, 3, *t.input_size, device="meta"))) for t in teachers]
+    student_flops = _count_flops(_meta_step(config, model, teachers, 1))
+    return {"teachers": teacher_flops, "student_and_ladder_forward": student_flops,
+            "train_step": sum(teacher_flops) + 3 * student_flops}
+
+
 def plan_distillation(config: DistillConfig) -> dict:
     """Validate everything and describe the run without loading any weights (`unic distill --dry-run`).
 
@@ -142,36 +212,22 @@ def plan_distillation(config: DistillConfig) -> dict:
     device = resolve_device(config.device)
     loader = build_train_loader(config.data_dir, image_size=config.image_size, batch_size=config.batch_size,
                                 num_workers=0, seed=config.seed, augment=config.augment)
-    with torch.device("meta"):
-        student = build_student(config.student, image_size=config.image_size, drop_path_rate=config.drop_path_rate)
-        teachers = build_teachers(config, student.grid, "meta")
-        model = build_model(config, teachers, student)
+    model, teachers = build_meta(config)
     plan = describe(config, model, teachers)
     num_steps, steps_per_epoch = total_steps(config, loader.steps_per_epoch)
     plan["data"] = {"num_images": loader.num_images, "steps_per_epoch": steps_per_epoch, "total_steps": num_steps,
                     "global_batch": config.batch_size * config.grad_accum_steps}
     plan["device"] = str(device)
-
-    def step_fn(batch: int):
-        images = torch.empty(batch, 3, config.image_size, config.image_size, dtype=torch.uint8, device="meta")
-        targets = [t(torch.empty(batch, 3, *t.input_size, device="meta")) for t in teachers]
-        return lambda: model(images, targets, momentum=None).loss_TB.mean()
-
-    teacher_flops = [_count_flops(lambda t=t: t(torch.empty(1, 3, *t.input_size, device="meta"))) for t in teachers]
-    student_flops = _count_flops(step_fn(1))
-    plan["flops_per_image"] = {
-        "teachers": teacher_flops,
-        "student_and_ladder_forward": student_flops,
-        "train_step": sum(teacher_flops) + 3 * student_flops,  # backward ~ 2x forward
-    }
-    bf16 = device.type == "cuda"
-    activations = _saved_activation_bytes(step_fn(config.batch_size)) // (2 if bf16 else 1)
+    plan["flops_per_image"] = flops_per_image(config, model, teachers)
+    teacher_dtype, student_bf16 = resolve_dtypes(config, device)
+    activations = _saved_activation_bytes(_meta_step(config, model, teachers, config.batch_size))
+    activations //= 2 if student_bf16 else 1
     trainable = _num_params(model)
     teacher_params = sum(_num_params(t) for t in teachers)
     target_bytes = sum(config.batch_size * (t.grid[0] * t.grid[1] + 1) * t.card.patch_dim * 4 for t in teachers)
     memory = {
         "weights_grads_adam": 16 * trainable,  # fp32 weights, grads and two AdamW moments
-        "teachers": 4 * teacher_params,
+        "teachers": teacher_dtype.itemsize * teacher_params,
         "activations": activations,
         "teacher_outputs": target_bytes,
     }

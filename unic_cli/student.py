@@ -47,6 +47,11 @@ class Student(nn.Module):
         self.mean: tuple[float, ...] = tuple(cfg.get("mean", (0.485, 0.456, 0.406)))
         self.std: tuple[float, ...] = tuple(cfg.get("std", (0.229, 0.224, 0.225)))
         self.interpolation: str = cfg.get("interpolation", "bicubic")
+        # Classifier-side modules that the taps never reach (fc_norm, attention pooling, head) get no gradient:
+        # frozen, so DDP runs without `find_unused_parameters` (they stay in the state dict for export).
+        for name in ("fc_norm", "attn_pool", "head"):
+            if isinstance(getattr(model, name, None), nn.Module):
+                getattr(model, name).requires_grad_(False)
         self.register_buffer("mean_C", torch.tensor(self.mean).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("std_C", torch.tensor(self.std).view(1, 3, 1, 1), persistent=False)
 

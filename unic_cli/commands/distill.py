@@ -28,7 +28,8 @@ _FLAGS = [
     (("--out", "--out-dir", "out_dir"), dict(metavar="RUN_DIR", help=_help("Run folder.", "out_dir"))),
     (("--student",), dict(metavar="NAME", help=_help("timm ViT to train (vit_*, deit3_*, eva02_*, ...).", "student"))),
     (("--image-size",), dict(type=int, help=_help("Student input size in pixels.", "image_size"))),
-    (("--batch-size",), dict(type=int, help=_help("Images per micro-batch (per process).", "batch_size"))),
+    (("--batch-size",), dict(type=int, help=_help("Images per micro-batch PER PROCESS (global batch = this x "
+                                                 "processes x --grad-accum-steps).", "batch_size"))),
     (("--epochs",), dict(type=int, help=f"Training length in epochs  [default: {DistillConfig.DEFAULT_EPOCHS}].")),
     (("--steps",), dict(type=int, help="Training length in optimiser steps (instead of --epochs).")),
     (("--device",), dict(metavar="auto|cpu|cuda", help=_help("Where to train.", "device"))),
@@ -67,6 +68,14 @@ _FLAGS = [
                                                                    "stopping.")),
     (("--random-init-teachers",), dict(is_flag=True, default=None, help="Random teacher weights (tests, "
                                                                          "benchmarks).")),
+    (("--teacher-dtype",), dict(type=click.Choice(["auto", "bf16", "fp32"]),
+                                help=_help("Teacher precision (auto: bf16 where the device is fast in it).",
+                                           "teacher_dtype"))),
+    (("--student-dtype",), dict(type=click.Choice(["auto", "bf16", "fp32"]),
+                                help=_help("Student+ladder compute (auto: bf16 autocast on CUDA, fp32 on CPU).",
+                                           "student_dtype"))),
+    (("--compile",), dict(is_flag=True, default=None, help="torch.compile the student, ladder and teachers.")),
+    (("--fsdp",), dict(is_flag=True, default=None, help="Shard with FSDP2 instead of DDP (under torchrun).")),
 ]
 
 
@@ -132,7 +141,14 @@ def distill(ctx, more_teachers, teachers, config_file, resume, overwrite, dry_ru
         return
 
     from unic_cli.distill import run
+    from unic_cli.distributed import dist_info
 
+    if not dist_info().is_main:  # under torchrun, rank 0 alone shows progress, info logs and the summary
+        import logging
+
+        logging.getLogger("unic_cli").setLevel(logging.WARNING)
+        run(config, resume=resume, overwrite=overwrite)
+        return
     with _ProgressHooks() as hooks:
         result = run(config, resume=resume, overwrite=overwrite, hooks=hooks)
     from unic_cli.console import console

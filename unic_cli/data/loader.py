@@ -25,7 +25,7 @@ from unic_cli.data.image import (
     augment_colour,
     load_crop,
 )
-from unic_cli.data.source import PathTable, TarIndex, list_image_folder, open_image_source
+from unic_cli.data.source import list_image_folder, open_image_source
 from unic_cli.errors import DataError
 
 logger = logging.getLogger("unic_cli")
@@ -71,7 +71,7 @@ class _Sample:
 class _TrainDataset(torch.utils.data.Dataset):
     """Map-style dataset over an image source; keys are (index, epoch) so augmentations can be seeded."""
 
-    def __init__(self, source: PathTable | TarIndex, *, image_size: int, augment: str, seed: int) -> None:
+    def __init__(self, source, *, image_size: int, augment: str, seed: int) -> None:  # see open_image_source
         self.source, self.image_size, self.augment, self.seed = source, image_size, augment, seed
 
     def __len__(self) -> int:
@@ -160,13 +160,15 @@ class _EpochBatches:
     """
 
     def __init__(self, *, num_images: int, batch_size: int, rank: int, world_size: int, seed: int,
-                 start_epoch: int, start_step: int) -> None:
+                 start_epoch: int, start_step: int, order_fn=None) -> None:
         self.num_images, self.batch_size, self.rank, self.world_size = num_images, batch_size, rank, world_size
         self.seed, self.start_epoch, self.start_step = seed, start_epoch, start_step
         self.steps_per_epoch = num_images // (batch_size * world_size)
+        self.order_fn = order_fn  # a source's own epoch order (parquet: block shuffle), from the same generator
 
     def epoch_order(self, epoch: int) -> np.ndarray:
-        return np.random.default_rng([self.seed, epoch, _PERMUTATION_TAG]).permutation(self.num_images)
+        rng = np.random.default_rng([self.seed, epoch, _PERMUTATION_TAG])
+        return self.order_fn(rng) if self.order_fn is not None else rng.permutation(self.num_images)
 
     def __iter__(self) -> Iterator[list[tuple[int, int]]]:
         epoch, step = self.start_epoch, self.start_step
@@ -228,11 +230,15 @@ class TrainLoader:
     def __iter__(self) -> Iterator[Batch]:
         sampler = _EpochBatches(num_images=self.num_images, batch_size=self.batch_size, rank=self.rank,
                                 world_size=self.world_size, seed=self.seed, start_epoch=self.epoch,
-                                start_step=self.batch_index)
+                                start_step=self.batch_index,
+                                order_fn=getattr(self.dataset.source, "epoch_order", None))
+        # An explicit generator: the DataLoader draws its workers' base seed from it, not from the global RNG
+        # (which the training loop owns: drop path, initialisation). Nothing here depends on that seed anyway.
+        generator = torch.Generator().manual_seed(self.seed)
         loader = torch.utils.data.DataLoader(
             self.dataset, batch_sampler=sampler, num_workers=self.num_workers, collate_fn=_collate_train,
             pin_memory=self.pin_memory, prefetch_factor=4 if self.num_workers else None,
-            persistent_workers=False)
+            persistent_workers=False, generator=generator)
         pending_skipped, empty_run = 0, 0
         for images_BCHW, skipped in _single_threaded(loader, self.num_workers):
             self.batch_index += 1
@@ -329,7 +335,8 @@ class EvalLoader:
     def __iter__(self) -> Iterator[EvalBatch]:
         loader = torch.utils.data.DataLoader(
             _EvalDataset(self.paths, self.image_size), batch_size=self.batch_size, shuffle=False,
-            num_workers=self.num_workers, collate_fn=_collate_eval, pin_memory=torch.cuda.is_available())
+            num_workers=self.num_workers, collate_fn=_collate_eval, pin_memory=torch.cuda.is_available(),
+            generator=torch.Generator().manual_seed(0))  # keeps the global RNG untouched
         pending_skipped = 0
         for images_BCHW, index_B, skipped in _single_threaded(loader, self.num_workers):
             self.skip_log.record(skipped)

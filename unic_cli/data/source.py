@@ -162,15 +162,34 @@ def _expand_braces(pattern: str) -> list[str]:
             for p in _expand_braces(f"{head}{str(i).zfill(width)}{tail}")]
 
 
-def open_image_source(data: Path | str) -> PathTable | TarIndex:
-    """The images behind `data`: a folder of images, or WebDataset tar shards.
+def open_image_source(data: Path | str):
+    """The images behind `data`: a folder of images, WebDataset tar shards, or a locally stored HF dataset.
 
     Tar shards are a `.tar` file, a brace pattern such as `shards/train-{000000..000146}.tar`, or a
-    folder whose top level holds `.tar` files.
+    folder whose top level holds `.tar` files. Hugging Face datasets are a `save_to_disk` folder
+    (state.json + data-*.arrow), a `.parquet` file, or a folder whose top level holds `.parquet` files
+    (see `unic_cli.data.hf`; needs pyarrow).
 
     Raises:
         DataError: missing paths, no image, or shards with no image member.
     """
+    from unic_cli.data import hf
+
+    path = Path(data).expanduser()
+    if hf.is_dataset_dict_folder(path):
+        splits = sorted(p.name for p in path.iterdir() if hf.is_hf_disk_folder(p))
+        raise DataError(f"{str(path)!r} is a DatasetDict saved with save_to_disk; pass one split's folder, e.g. "
+                        f"{str(path / (splits[0] if splits else 'train'))!r} (splits: {', '.join(splits) or 'none'}).")
+    if hf.is_hf_disk_folder(path):
+        source = hf.ArrowDiskSource(path)
+    elif (files := hf.parquet_files(path)) is not None:
+        source = hf.ParquetSource(files)
+    else:
+        source = None
+    if source is not None:
+        if not len(source):
+            raise DataError(f"The Hugging Face dataset {source.root!r} has no rows.")
+        return source
     text = str(data)
     if "{" in text and ".." in text:
         shards = [Path(p).expanduser() for p in _expand_braces(text)]

@@ -1,0 +1,37 @@
+"""`unic bench`: the distill flags, one JSON line, errors without a traceback."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+from click.testing import CliRunner
+
+from unic_cli.cli import unic
+
+
+def test_bench__json_is_one_parsable_line_with_the_timings():
+    args = [sys.executable, "-m", "unic_cli", "bench", "--teachers", "timm:test_vit", "timm:test_vit2", "--student",
+            "test_vit", "--image-size", "64", "--batch-size", "2", "--steps", "1", "--warmup", "1", "--device", "cpu",
+            "--ladder-hidden", "32", "--teacher-drop-prob", "0.25", "--json"]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "2"}
+    out = subprocess.run(args, env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    lines = out.stdout.strip().splitlines()
+    assert len(lines) == 1
+    result = json.loads(lines[0])
+    for key in ("sec_per_step", "images_per_sec", "peak_mem_bytes", "split_sec_per_step", "flops_per_image",
+                "achieved_flops_per_sec"):
+        assert key in result
+    assert set(result["split_sec_per_step"]) == {"teachers", "student", "loss", "backward", "optimizer"}
+
+
+def test_bench__bad_flags_are_reported_together_without_traceback():
+    result = CliRunner().invoke(unic, ["bench", "--teachers", "dinov2_gg", "--batch-size", "0", "--warmup", "-1",
+                                       "--try-batch-sizes", "64,0"])
+    assert result.exit_code == 2 and "Traceback" not in result.output, result.output
+    for message in ("Did you mean 'dinov2_g'", "--batch-size must be >= 1", "--warmup must be >= 0",
+                    "--try-batch-sizes must all be >= 1"):
+        assert message in result.output

@@ -1,0 +1,108 @@
+"""Data parallelism on CPU (gloo): torchrun with 2 processes == 1 process with the doubled batch, resume onto 1
+process, FSDP2, and the process-group helpers."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from unic_cli.config import DistillConfig
+from unic_cli.distill import run
+
+# fp32 teachers and no stochastic depth: the only differences left are summation orders
+COMMON = dict(student="test_vit", image_size=64, steps=4, base_lr=1e-2, num_workers=0, augment="none", log_every=1,
+              checkpoint_every=2, random_init_teachers=True, device="cpu", teacher_dtype="fp32", drop_path_rate=0.0)
+
+
+def _flags(**values) -> list[str]:
+    out = []
+    for key, value in values.items():
+        flag = "--" + key.replace("_", "-")
+        out += [flag] if value is True else [flag, str(value)]
+    return out
+
+
+def _rows(run_dir) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def _assert_same_losses(a: list[dict], b: list[dict]) -> None:
+    assert [r["step"] for r in a] == [r["step"] for r in b]
+    for ra, rb in zip(a, b):
+        assert ra["loss"] == pytest.approx(rb["loss"], rel=1e-4, abs=1e-6), (ra["step"], ra["loss"], rb["loss"])
+        for key in ra["teachers"]:
+            ta, tb = ra["teachers"][key], rb["teachers"][key]
+            assert ta["loss"] == pytest.approx(tb["loss"], rel=1e-4, abs=1e-6) and ta["coeff"] == tb["coeff"]
+
+
+def _student(run_dir) -> dict:
+    return torch.load(run_dir / "checkpoints" / "last.pt", weights_only=True)["student"]["state_dict"]
+
+
+def _assert_same_weights(a: dict, b: dict) -> None:
+    assert a.keys() == b.keys()
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], rtol=1e-4, atol=1e-5, msg=key)
+
+
+def test_torchrun__two_processes_match_one_with_the_doubled_batch_and_resume_on_one(tiny_teachers, tiny_images,
+                                                                                     tmp_path):
+    ddp = tmp_path / "ddp"
+    args = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "unic_cli",
+            "distill", "--teachers", *tiny_teachers, "--data", str(tiny_images), "--out", str(ddp),
+            *_flags(batch_size=4, **COMMON)]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(args, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+
+    single = tmp_path / "single"
+    run(DistillConfig.from_sources(None, dict(teachers=tiny_teachers, data_dir=tiny_images, out_dir=single,
+                                              batch_size=8, **COMMON)))
+    ddp_rows, single_rows = _rows(ddp), _rows(single)
+    assert len(ddp_rows) == 4  # rank 0 alone logs
+    _assert_same_losses(ddp_rows, single_rows)
+    _assert_same_weights(_student(ddp), _student(single))
+    ckpt = torch.load(ddp / "checkpoints" / "last.pt", weights_only=True)
+    assert ckpt["scheduler"]["world_size"] == 2 and ckpt["scheduler"]["global_batch"] == 8
+    assert sorted(p.name for p in (ddp / "checkpoints").iterdir()) == ["last.pt", "step_0000002.pt",
+                                                                       "step_0000004.pt"]
+
+    # Resume the 2-process run from its step-2 checkpoint on ONE process (batch 8 keeps the global batch).
+    resumed = tmp_path / "resumed"
+    shutil.copytree(ddp, resumed)
+    (resumed / "checkpoints" / "step_0000004.pt").unlink()
+    shutil.copyfile(resumed / "checkpoints" / "step_0000002.pt", resumed / "checkpoints" / "last.pt")
+    config = DistillConfig.from_sources(resumed / "config.toml", {"out_dir": resumed, "batch_size": 8})
+    result = run(config, resume=True)
+    assert result.step == 4
+    _assert_same_losses(_rows(resumed), single_rows)
+    _assert_same_weights(_student(resumed), _student(single))
+
+
+def test_resume__a_different_global_batch_is_refused_with_the_fix(tiny_teachers, tiny_images, tmp_path):
+    from unic_cli.errors import ConfigError
+
+    config = DistillConfig.from_sources(None, dict(teachers=tiny_teachers, data_dir=tiny_images, out_dir=tmp_path,
+                                                   batch_size=8, **{**COMMON, "steps": 1}))
+    run(config)
+    with pytest.raises(ConfigError, match=r"global batch was 8 images.*e\.g\. --batch-size 8"):
+        run(DistillConfig.from_sources(tmp_path / "config.toml", {"batch_size": 4, "steps": 2}), resume=True)
+
+
+def test_fsdp__one_process_matches_plain_and_saves_plain_tensors(tiny_teachers, tiny_images, tmp_path):
+    base = dict(teachers=tiny_teachers, data_dir=tiny_images, batch_size=8, **{**COMMON, "steps": 2})
+    run(DistillConfig.from_sources(None, {**base, "out_dir": tmp_path / "plain"}))
+    run(DistillConfig.from_sources(None, {**base, "out_dir": tmp_path / "fsdp", "fsdp": True}))
+    _assert_same_losses(_rows(tmp_path / "fsdp"), _rows(tmp_path / "plain"))
+    fsdp_ckpt = torch.load(tmp_path / "fsdp" / "checkpoints" / "last.pt", weights_only=True)
+    assert all(type(v) is torch.Tensor for v in fsdp_ckpt["student"]["state_dict"].values())
+    _assert_same_weights(fsdp_ckpt["student"]["state_dict"], _student(tmp_path / "plain"))
+    state = fsdp_ckpt["optimizer"]["state"]
+    assert all(type(v) is torch.Tensor for s in state.values() for v in s.values())
+    assert not torch.distributed.is_initialized()  # the run left no process group behind
