@@ -17,6 +17,17 @@ def read_metrics(run_dir: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
 
 
+def _save(fig, ax, path: Path) -> Path:
+    import matplotlib.pyplot as plt
+
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
 def plot_run(run_dir: Path) -> list[Path]:
     """Write `losses.png` and `teacher_coefficients.png` into `run_dir`; returns the files written."""
     rows = read_metrics(run_dir)
@@ -43,12 +54,7 @@ def plot_run(run_dir: Path) -> list[Path]:
                 ax.plot(steps, [float("nan") if v is None else v for v in values], style, color=color,
                         alpha=0.6, label=f"{key} {kind}")
     ax.set(xlabel="step", ylabel="distillation loss", title="Per-teacher loss (UNIC Fig. 3a)")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=7)
-    fig.tight_layout()
-    written.append(Path(run_dir) / "losses.png")
-    fig.savefig(written[-1], dpi=100)
-    plt.close(fig)
+    written.append(_save(fig, ax, Path(run_dir) / "losses.png"))
 
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for i, key in enumerate(keys):
@@ -56,10 +62,5 @@ def plot_run(run_dir: Path) -> list[Path]:
                 label=f"{key} {rows[-1]['teachers'][key]['name']}")
     ax.set(xlabel="step", ylabel="mean coefficient alpha_t", ylim=(0, 1.05),
            title="Teacher coefficients under teacher dropping (UNIC Fig. 4)")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=7)
-    fig.tight_layout()
-    written.append(Path(run_dir) / "teacher_coefficients.png")
-    fig.savefig(written[-1], dpi=100)
-    plt.close(fig)
+    written.append(_save(fig, ax, Path(run_dir) / "teacher_coefficients.png"))
     return written

@@ -78,12 +78,25 @@ def teachers(ctx: click.Context, as_json: bool) -> None:
         _table(cards)
 
 
+def _student_grid_options(command):
+    """--image-size and --patch-size: the student whose grid a teacher is lined up with."""
+    command = click.option("--patch-size", type=click.IntRange(min=1), default=16, show_default=True,
+                           help="The student's patch size.")(command)
+    return click.option("--image-size", type=click.IntRange(min=1), default=224, show_default=True,
+                        help="The student's input size, which sets this teacher's input size and grid.")(command)
+
+
+def _student_grid(image_size: int, patch_size: int) -> tuple[int, int]:
+    from unic_cli.errors import ConfigError
+
+    if image_size % patch_size:
+        raise ConfigError(f"--image-size {image_size} is not a multiple of --patch-size {patch_size}")
+    return image_size // patch_size, image_size // patch_size
+
+
 @teachers.command()
 @click.argument("spec")
-@click.option("--image-size", type=click.IntRange(min=1), default=224, show_default=True,
-              help="The student's input size, to resolve this teacher's input size and grid.")
-@click.option("--patch-size", type=click.IntRange(min=1), default=16, show_default=True,
-              help="The student's patch size.")
+@_student_grid_options
 @click.option("--json", "as_json", is_flag=True, help="Print the card and resolved sizes as JSON.")
 @registry_option
 def show(spec: str, image_size: int, patch_size: int, as_json: bool) -> None:
@@ -91,11 +104,9 @@ def show(spec: str, image_size: int, patch_size: int, as_json: bool) -> None:
 
     SPEC is an alias from `unic teachers` or an explicit spec such as timm:vit_base_patch16_224.
     """
-    from unic_cli.errors import ConfigError
     from unic_cli.registry import parse_teacher_spec
 
-    if image_size % patch_size:
-        raise ConfigError(f"--image-size {image_size} is not a multiple of --patch-size {patch_size}")
+    grid = _student_grid(image_size, patch_size)
     parsed = parse_teacher_spec(spec)
     if parsed.source == "alias":
         from unic_cli.registry import apply_overrides, get_card
@@ -105,7 +116,6 @@ def show(spec: str, image_size: int, patch_size: int, as_json: bool) -> None:
         from unic_cli.teachers import resolve_card
 
         card = resolve_card(parsed)
-    grid = (image_size // patch_size, image_size // patch_size)
     input_size = card.input_size_for(grid)
     resolved = {
         "student": {"image_size": image_size, "patch_size": patch_size, "grid": list(grid)},
@@ -137,10 +147,7 @@ def show(spec: str, image_size: int, patch_size: int, as_json: bool) -> None:
 
 @teachers.command()
 @click.argument("spec")
-@click.option("--image-size", type=click.IntRange(min=1), default=224, show_default=True,
-              help="The student's input size, which sets this teacher's input size and grid.")
-@click.option("--patch-size", type=click.IntRange(min=1), default=16, show_default=True,
-              help="The student's patch size.")
+@_student_grid_options
 @click.option("--random-init", is_flag=True, help="Build the architecture without loading weights.")
 @click.option("--device", default="cpu", show_default=True, help="Where to run the check (cpu, cuda, cuda:1).")
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
@@ -156,13 +163,9 @@ def check(spec: str, image_size: int, patch_size: int, random_init: bool, device
       unic teachers check dinov2_s
       unic teachers check 'dinov2_g=/weights/dinov2_vitg14.safetensors' --image-size 224 --patch-size 14
     """
-    from unic_cli.errors import ConfigError
-
-    if image_size % patch_size:
-        raise ConfigError(f"--image-size {image_size} is not a multiple of --patch-size {patch_size}")
+    grid = _student_grid(image_size, patch_size)
     from unic_cli.teachers import check_teacher  # imports torch
 
-    grid = (image_size // patch_size, image_size // patch_size)
     report = check_teacher(spec, grid=grid, pretrained=not random_init, device=device)
     if as_json:
         click.echo(json.dumps(report, indent=2))
