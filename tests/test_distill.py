@@ -67,11 +67,18 @@ def test_run__timm_and_hf_teachers_loss_falls_and_every_file_parses(tiny_hf_dino
 
     plan = plan_distillation(config)  # the dry run promises the real run's shapes and sizes
     real = json.loads((run_dir / "run.json").read_text())
-    for key in ("student", "teachers", "ladder"):
+    for key in ("student", "teachers", "ladder", "load_size"):
         assert plan[key] == real[key]
     assert plan["data"]["total_steps"] == 40 and plan["flops_per_image"]["train_step"] > 0
     assert plan["student"]["grid"] == [4, 4] and [t["grid"] for t in plan["teachers"]] == [[4, 4], [4, 4]]
-    assert [t["input_size"] for t in plan["teachers"]] == [[64, 64], [56, 56]]
+    assert [t["input_size"] for t in plan["teachers"]] == [[64, 64], [56, 56]] and plan["load_size"] == 64
+
+
+def test_plan__batches_load_at_the_largest_teacher_input(tiny_teachers, tiny_images, tmp_path):
+    # a 96-px ConvNet teacher of a 64-px student: the loader crops at 96 and the student resizes on the device
+    config = _config(("timm:test_efficientnet?image_size=96", "tiny_a"), tiny_images, tmp_path / "run", steps=1)
+    plan = plan_distillation(config)
+    assert plan["load_size"] == 96 and plan["student"]["image_size"] == 64
 
 
 ROWS = {  # UNIC paper Table 1, rows 4-8

@@ -45,3 +45,12 @@ def test_build_student__clear_errors(name, size, message):
     with pytest.raises(ConfigError, match=message):
         with torch.device("meta"):
             build_student(name, image_size=size)
+
+
+def test_student__normalize_resizes_larger_batches_to_its_input():
+    student = build_student("test_vit", image_size=64)
+    images = torch.randint(0, 256, (2, 3, 96, 96), dtype=torch.uint8)
+    x = student.normalize(images)
+    assert x.shape == (2, 3, 64, 64)
+    flat = torch.full((1, 3, 96, 96), 255, dtype=torch.uint8)  # resizing keeps a flat image flat
+    torch.testing.assert_close(student.normalize(flat), ((1 - student.mean_C) / student.std_C).expand(1, 3, 64, 64))

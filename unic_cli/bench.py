@@ -1,6 +1,6 @@
 """run_bench(config): time the real training step of any `unic distill` configuration, random weights only.
 
-The step is `distill.forward_backward` + `optimizer_step`, exactly what a run executes (teachers in their
+The step is `train_step.forward_backward` + `optimizer_step`, exactly what a run executes (teachers in their
 precision, student and ladder, standardisation and losses, teacher dropping, backward, the non-finite check,
 AdamW), on random-init teachers and student (nothing is downloaded: every model is built from its library's
 config). Images are a fixed random uint8 batch (pinned when CUDA is available and copied to the device every
@@ -118,15 +118,15 @@ def run_bench(config: DistillConfig, *, warmup: int = 2, batch_sizes: tuple[int,
     """
     from dataclasses import replace
 
-    from unic_cli import distill
+    from unic_cli import distill, distributed, train_step
     from unic_cli.distributed import dist_info
 
     config = replace(config, random_init_teachers=True)
     dist = dist_info()
-    device, created = distill.distributed.setup(dist, distill.resolve_device(config.device), fsdp=config.fsdp)
+    device, created = distributed.setup(dist, distill.resolve_device(config.device), fsdp=config.fsdp)
     try:
         t_build = time.perf_counter()
-        tr = distill.build_trainer(config, device, dist, init_on_device=True)
+        tr = train_step.build_trainer(config, device, dist, init_on_device=True)
         build_s = time.perf_counter() - t_build
         flops = _flops_per_image(config)
         results = []
@@ -144,7 +144,7 @@ def run_bench(config: DistillConfig, *, warmup: int = 2, batch_sizes: tuple[int,
                 if device.type == "cuda":
                     torch.cuda.empty_cache()
     finally:
-        distill.distributed.teardown(created)
+        distributed.teardown(created)
     fitting = [r for r in results if not r.get("oom")]
     if not fitting:
         raise torch.OutOfMemoryError(f"batch size {results[0]['batch_size']} does not fit on {device}")
@@ -159,7 +159,8 @@ def _flops_per_image(config: DistillConfig) -> dict:
 
 
 def _time_steps(tr, warmup: int, flops: dict) -> dict:
-    from unic_cli import distill
+    from unic_cli import train_step
+    from unic_cli.plan import load_size
     from unic_cli.schedule import ema_momentum
 
     config, device, dist = tr.config, tr.device, tr.dist
@@ -168,12 +169,12 @@ def _time_steps(tr, warmup: int, flops: dict) -> dict:
     if config.data_dir is not None:
         from unic_cli.data import build_train_loader
 
-        batches = iter(build_train_loader(config.data_dir, image_size=config.image_size,
+        batches = iter(build_train_loader(config.data_dir, image_size=load_size(config.image_size, tr.teachers),
                                           batch_size=config.batch_size, num_workers=config.num_workers,
                                           seed=config.seed, rank=dist.rank, world_size=dist.world_size,
                                           augment=config.augment))
     else:
-        batches = _synthetic_batches(config.batch_size, config.image_size, config.seed)
+        batches = _synthetic_batches(config.batch_size, load_size(config.image_size, tr.teachers), config.seed)
     timer = _Timer(device)
     tr.model.train()
     num_steps = config.steps or 5
@@ -188,9 +189,9 @@ def _time_steps(tr, warmup: int, flops: dict) -> dict:
         tr.optimizer.zero_grad(set_to_none=True)
         momentum = ema_momentum(step, total_steps=warmup + num_steps, start=config.ema_momentum_start,
                                 end=config.ema_momentum_end)
-        stats = distill.forward_backward(tr, batches, momentum, timer)
+        stats = train_step.forward_backward(tr, batches, momentum, timer)
         if torch.isfinite(stats.loss):  # the run's one host sync per step
-            distill.optimizer_step(tr, timer)
+            train_step.optimizer_step(tr, timer)
         step_times.append(time.perf_counter() - t0)
     if device.type == "cuda":
         torch.cuda.synchronize(device)

@@ -226,7 +226,7 @@ class DistillConfig(CommandConfig):
             else fp32), "bf16" or "fp32": the frozen teachers' weights and compute.
         student_dtype: "auto" (bf16 autocast on CUDA, fp32 on CPU), "bf16" or "fp32": student and ladder compute
             (weights, AdamW and losses stay fp32).
-        compile: `torch.compile` the student, ladder and teachers (slow first steps, faster afterwards).
+        compile: `torch.compile` each block of the student and teachers, and the ladder (slow first steps).
         fsdp: shard the student, ladder and AdamW state with FSDP2 `fully_shard` instead of DDP (big students).
     """
 
@@ -357,6 +357,8 @@ class ProbeConfig(CommandConfig):
         cache_dir: the feature cache (default: OUT/cache).
         eval_split: `val` or `test` (default: test when present, else val).
         dense_image_size: the square input side for seg and depth (rounded to each ViT's patch size).
+        dense_layers: seg and depth heads read the last N feature levels concatenated (a ViT's last N blocks, a
+            ConvNet's last N stages on a stride-16 grid); 1 reads the model's output tokens. timm models only.
         random_init: random weights instead of pretrained ones (a baseline).
         concat_patch_mean: linear probe on [summary, mean patch token] instead of the summary alone.
         ignore_index: mask value left out of seg training and scores (CamVid: 11).
@@ -388,6 +390,7 @@ class ProbeConfig(CommandConfig):
     linear_holdout: float = 0.2
     concat_patch_mean: bool = False
     dense_image_size: int = 448
+    dense_layers: int = 1
     dense_steps: int = 1000
     dense_batch_size: int = 16
     dense_lr: float = 1e-3
@@ -437,6 +440,8 @@ class ProbeConfig(CommandConfig):
                 problems.append(f"--{name.replace('_dir', '').replace('_', '-')} {str(path)!r} is a file, not a folder")
         if self.eval_split not in (None, "val", "test"):
             problems.append(f"--eval-split must be val or test, got {self.eval_split!r}")
+        if not 1 <= self.dense_layers <= 8:
+            problems.append(f"--dense-layers must be between 1 and 8, got {self.dense_layers}")
         for name in ("batch_size", "linear_steps", "dense_image_size", "dense_steps", "dense_batch_size"):
             if getattr(self, name) < 1:
                 problems.append(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")

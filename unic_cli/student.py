@@ -15,6 +15,7 @@ import difflib
 from collections.abc import Sequence
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from unic_cli.errors import ConfigError
@@ -56,10 +57,15 @@ class Student(nn.Module):
         self.register_buffer("std_C", torch.tensor(self.std).view(1, 3, 1, 1), persistent=False)
 
     def normalize(self, images_BCHW: torch.Tensor) -> torch.Tensor:
-        """uint8 [0, 255] -> float, normalised with the student's mean/std (on the images' device)."""
+        """uint8 [0, 255] -> float at the student's input size, normalised with its mean/std (on the images'
+        device). Batches come at the largest input size among the student and its teachers (`plan.load_size`)."""
         x = images_BCHW.float()
         if images_BCHW.dtype == torch.uint8:
             x = x / 255.0
+        if tuple(x.shape[-2:]) != (self.image_size, self.image_size):
+            mode = self.interpolation if self.interpolation in ("bilinear", "bicubic") else "bilinear"
+            x = F.interpolate(x, size=(self.image_size, self.image_size), mode=mode, align_corners=False,
+                              antialias=True)
         return (x - self.mean_C) / self.std_C
 
     def forward(self, images_BCHW: torch.Tensor, blocks: Sequence[int]) -> list[tuple[torch.Tensor, torch.Tensor]]:
@@ -77,6 +83,37 @@ class Student(nn.Module):
             summary_BD = prefix_BPD[:, 0] if self.has_cls_token else patch_BND.mean(dim=1)
             taps.append((summary_BD, patch_BND))
         return taps
+
+
+class _TensorDropPath(nn.Module):
+    """Stochastic depth whose rate is a buffer, not a Python float: under `torch.compile` every block then shares
+    one compiled graph (timm's DropPath holds a different float per block, and each float is a recompile)."""
+
+    def __init__(self, drop_prob: float, scale_by_keep: bool = True) -> None:
+        super().__init__()
+        self.register_buffer("keep_prob", torch.tensor(1.0 - drop_prob), persistent=False)
+        self.scale_by_keep = scale_by_keep
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.training:
+            return x
+        keep = self.keep_prob.to(x.dtype)
+        mask = torch.bernoulli(keep.expand((x.shape[0],) + (1,) * (x.ndim - 1)))
+        return x * (mask / keep) if self.scale_by_keep else x * mask
+
+
+def uniform_drop_path(model: nn.Module) -> None:
+    """Swap each block's `drop_path*` (timm DropPath or Identity at rate 0) for `_TensorDropPath`, in place.
+
+    Only for compiled students: the mask is drawn differently from timm's, so eager runs keep timm's module.
+    """
+    for block in model.blocks:
+        device = next(block.parameters()).device
+        for name, child in list(block.named_children()):
+            if name.startswith("drop_path"):
+                swap = _TensorDropPath(float(getattr(child, "drop_prob", 0.0) or 0.0),
+                                       bool(getattr(child, "scale_by_keep", True)))
+                setattr(block, name, swap.to(device))
 
 
 def check_student_name(name: str) -> None:

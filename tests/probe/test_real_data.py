@@ -36,14 +36,16 @@ def test_real_data__hymenoptera_linear_and_knn(shared_data, tmp_path):
 
 
 def test_real_data__camvid_segmentation(shared_data, tmp_path):
-    # Measured with this protocol (linear head on the 1280-d stride-32 map, logits upsampled to the 180x240
-    # masks): mIoU 0.387 at 512 px (0.384 at 768, 0.387 at 1024) vs 0.19-0.20 for random init. The issue's bar
-    # of 0.5 (from ../shared/data/README.md's 0.55) is NOT reached by this protocol; see docs/probe.md.
+    # The issue's protocol bar (mIoU >= 0.5, random init far below) holds on Lite0's last three stages laid on a
+    # stride-16 grid (--dense-layers 3): 0.501 measured at 512 px. Its stride-32 output map alone gives 0.387
+    # (docs/probe.md), which the default --dense-layers 1 keeps checking.
     settings = {"ignore_index": 11, "dense_image_size": 512}
-    results = _probe(shared_data / "camvid", tmp_path, ("seg",), **settings)
-    baseline = _probe(shared_data / "camvid", tmp_path, ("seg",), random_init=True, **settings)
-    assert results["seg/camvid"]["miou"] >= 0.35, results
-    assert results["seg/camvid"]["miou"] >= baseline["seg/camvid"]["miou"] + 0.15, (results, baseline)
+    levels = _probe(shared_data / "camvid", tmp_path, ("seg",), dense_layers=3, **settings)
+    baseline = _probe(shared_data / "camvid", tmp_path, ("seg",), random_init=True, dense_layers=3, **settings)
+    assert levels["seg/camvid"]["miou"] >= 0.5, levels
+    assert levels["seg/camvid"]["miou"] >= baseline["seg/camvid"]["miou"] + 0.15, (levels, baseline)
+    output = _probe(shared_data / "camvid", tmp_path, ("seg",), **settings)
+    assert output["seg/camvid"]["miou"] >= 0.35, output
 
 
 def test_real_data__cifar10_knn_far_above_random_init(shared_data, tmp_path):

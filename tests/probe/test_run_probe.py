@@ -62,6 +62,36 @@ def test_run_probe__seg_then_depth_merge_into_the_run(tmp_path, dense_data, teac
     assert outcome.report["tasks"]["depth/dense"]["primary"] == "rmse"
 
 
+def test_encoder__dense_levels_of_a_vit_and_a_convnet(teacher_weights, student_dir):
+    import torch
+
+    from unic_cli.probe.features import load_encoder, resolve_model
+
+    images = torch.randint(0, 256, (2, 3, 64, 64), dtype=torch.uint8)
+    vit = load_encoder(resolve_model(_teachers(teacher_weights)[0], image_size=64))
+    one, grid = vit.dense_tokens(images, 1)
+    two, grid2 = vit.dense_tokens(images, 2)
+    assert grid == grid2 == (4, 4) and one.shape == (2, 16, 64) and two.shape == (2, 16, 128)
+    torch.testing.assert_close(two[..., 64:], one)  # the last level is the output tokens; the other comes first
+    student = load_encoder(resolve_model(str(student_dir), image_size=64))
+    assert student.dense_tokens(images, 3)[0].shape == (2, 16, 3 * 64)  # exported students are timm ViTs too
+    # a ConvNet: the last 3 stages (stride 8, 16, 32) pooled/upsampled onto the stride-16 grid of a 128-px input
+    torch.manual_seed(0)
+    convnet = load_encoder(resolve_model("timm:test_efficientnet", image_size=128, pretrained=False))
+    model = convnet.module.backbone.model
+    widths = [info["num_chs"] for info in model.feature_info][-3:]
+    tokens, grid = convnet.dense_tokens(torch.randint(0, 256, (2, 3, 128, 128), dtype=torch.uint8), 3)
+    assert grid == (8, 8) and tokens.shape == (2, 64, sum(widths))
+
+
+def test_run_probe__dense_layers_refuses_non_timm_models_before_loading(tmp_path, dense_data, tiny_clip):
+    config = ProbeConfig.from_sources(None, {**FAST, "models": (tiny_clip,), "tasks": ("seg",),
+                                             "data_dir": dense_data, "dense_layers": 2, "out_dir": tmp_path / "o"})
+    with pytest.raises(ProbeError, match="--dense-layers 1"):
+        run_probe(config)
+    assert not (tmp_path / "o").exists()
+
+
 def test_run_probe__zeroshot_needs_a_clip_head(tmp_path, class_data, student_dir, teacher_weights):
     config = ProbeConfig.from_sources(None, {**FAST, "models": (str(student_dir), _teachers(teacher_weights)[0]),
                                              "tasks": ("zeroshot",), "data_dir": class_data,

@@ -74,7 +74,7 @@ _FLAGS = [
     (("--student-dtype",), dict(type=click.Choice(["auto", "bf16", "fp32"]),
                                 help=_help("Student+ladder compute (auto: bf16 autocast on CUDA, fp32 on CPU).",
                                            "student_dtype"))),
-    (("--compile",), dict(is_flag=True, default=None, help="torch.compile the student, ladder and teachers.")),
+    (("--compile",), dict(is_flag=True, default=None, help="torch.compile each block of the student and teachers, and the ladder (faster on GPU).")),
     (("--fsdp",), dict(is_flag=True, default=None, help="Shard with FSDP2 instead of DDP (under torchrun).")),
 ]
 

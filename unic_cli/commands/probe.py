@@ -31,6 +31,9 @@ def _show(name: str) -> str:
 @click.option("--eval-split", type=click.Choice(["val", "test"]), help="[default: test when present, else val]")
 @click.option("--dense-image-size", type=int, metavar="PX",
               help="Input side for seg/depth, rounded to each ViT's patch size." + _show("dense_image_size"))
+@click.option("--dense-layers", type=int, metavar="N",
+              help="seg/depth on the last N feature levels concatenated (ViT blocks; ConvNet stages at stride 16; "
+                   "timm models)." + _show("dense_layers"))
 @click.option("--concat-patch-mean", is_flag=True, default=None,
               help="Linear probe on [summary, mean patch token] instead of the summary alone.")
 @click.option("--ignore-index", type=int, help="Mask value that is void (CamVid: 11)." + _show("ignore_index"))

@@ -209,7 +209,7 @@ def _dense(config: ProbeConfig, task: str, refs: list[ModelRef], train: Split, e
     train_targets = load_targets(train, kind, **target_args)
     eval_targets = load_targets(evaluation, kind, **target_args)
     num_classes = _seg_classes(config, train_targets) if task == "seg" else 0
-    feats = extract_features(refs, [train, evaluation], **common)
+    feats = extract_features(refs, [train, evaluation], dense_levels=config.dense_layers, **common)
     _free(device)
     train_feats, eval_feats = feats[train.name], feats[evaluation.name]
     results: dict[str, dict[str, dict]] = {}
@@ -227,7 +227,7 @@ def _dense(config: ProbeConfig, task: str, refs: list[ModelRef], train: Split, e
                                     ignore_index=config.ignore_index, **args)
         else:
             metrics = run_depth_probe(x_train, y_train, x_eval, y_eval, num_bins=config.depth_bins, **args)
-        results[ref.name] = {task: metrics}
+        results[ref.name] = {task: {**metrics, "feature_levels": config.dense_layers}}
         del x_train
         _free(device)
     return results
@@ -275,6 +275,12 @@ def run_probe(config: ProbeConfig, *, progress: ProgressFn | None = None) -> Pro
         _check_zeroshot(refs)
     dense_refs = [resolve_model(m, image_size=config.dense_image_size, pretrained=pretrained, seed=config.seed)
                   for m in config.models] if dense else []
+    if config.dense_layers > 1:
+        for ref in dense_refs:
+            if ref.kind == "teacher" and ref.identity["card"]["source"] != "timm":
+                raise ProbeError(f"--dense-layers {config.dense_layers} reads intermediate feature levels of timm "
+                                 f"models; {ref.name!r} is a {ref.identity['card']['source']} model: probe it in "
+                                 "a separate call with --dense-layers 1")
 
     # 2. features and probes
     cache = FeatureCache(config.resolved_cache_dir)

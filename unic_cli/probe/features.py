@@ -29,6 +29,7 @@ from typing import Literal
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from PIL import Image
 from torch import nn
 
@@ -311,6 +312,61 @@ class Encoder:
             summary_BD = patch_BND.mean(dim=1)
         return summary_BD.float(), patch_BND.float(), self.module.grid
 
+    @torch.no_grad()
+    def dense_tokens(self, images_BCHW: torch.Tensor, num_levels: int) -> tuple[torch.Tensor, tuple[int, int]]:
+        """Patch tokens of the last `num_levels` feature levels, concatenated channel-wise (see multi_level_tokens)."""
+        if num_levels == 1:
+            _, patch_BND = self.module(images_BCHW)
+            return patch_BND.float(), self.module.grid
+        return multi_level_tokens(self.module, images_BCHW, num_levels)
+
+
+DENSE_STRIDE = 16  # ConvNet levels are laid on a 16-pixel grid, the patch grid of a ViT/16 at the same input
+
+
+def timm_model_of(module: Teacher) -> nn.Module | None:
+    """The timm model inside a Teacher (timm teachers and exported students), or None for other sources."""
+    model = getattr(module.backbone, "model", None)
+    return model if model is not None and hasattr(model, "forward_intermediates") else None
+
+
+def multi_level_tokens(module: Teacher, images_BCHW: torch.Tensor, num_levels: int):
+    """The last `num_levels` feature levels of a timm model as one token map: (patch_BND float32, grid).
+
+    A ViT gives its last blocks' patch tokens, each through the final norm (DINOv2's multi-layer linear probe).
+    A ConvNet gives its last stages (timm `feature_info`), average-pooled or bilinearly upsampled onto a grid of
+    stride 16 (or its coarsest stage's stride, if finer): a hypercolumn, where a ConvNet's last map alone is at
+    stride 32 and too coarse for small objects.
+    """
+    model = timm_model_of(module)
+    if model is None:
+        raise ProbeError(f"--dense-layers {num_levels} needs a timm model; {module.card.alias!r} is a "
+                         f"{module.card.source} model: probe it with --dense-layers 1")
+    available = len(model.blocks) if module.card.family == "vit" else len(getattr(model, "feature_info", []))
+    if num_levels > available:
+        raise ProbeError(f"--dense-layers {num_levels}: {module.card.alias!r} has {available} feature levels; "
+                         f"use at most {available}")
+    x = module.preprocess(images_BCHW)
+    weight_dtype = next(model.parameters()).dtype
+    with torch.autocast("cuda", dtype=torch.bfloat16, enabled=x.is_cuda and weight_dtype == torch.float32):
+        if module.card.family == "vit":
+            maps = model.forward_intermediates(x.to(weight_dtype), indices=num_levels, norm=True, output_fmt="NCHW",
+                                               intermediates_only=True)
+            grid = tuple(maps[-1].shape[-2:])
+        else:
+            maps = model.forward_intermediates(x.to(weight_dtype), indices=num_levels, intermediates_only=True)
+            stride = min(DENSE_STRIDE, x.shape[-1] // maps[-1].shape[-1])
+            grid = (-(-x.shape[-2] // stride), -(-x.shape[-1] // stride))
+    resized = []
+    for fmap_BDhw in maps:
+        fmap_BDhw = fmap_BDhw.float()
+        if tuple(fmap_BDhw.shape[-2:]) != grid:
+            finer = fmap_BDhw.shape[-1] > grid[1]
+            fmap_BDhw = (F.adaptive_avg_pool2d(fmap_BDhw, grid) if finer
+                         else F.interpolate(fmap_BDhw, size=grid, mode="bilinear", align_corners=False))
+        resized.append(fmap_BDhw)
+    return torch.cat(resized, dim=1).flatten(2).transpose(1, 2), grid
+
 
 def is_student_dir(model: str) -> bool:
     return (Path(model).expanduser() / "unic.json").is_file()
@@ -533,18 +589,21 @@ def extract_features(
     num_workers: int,
     device: str,
     progress: ProgressFn = _no_progress,
+    dense_levels: int = 1,
 ) -> dict[str, dict[str, dict[str, torch.Tensor]]]:
     """Features of each split for every model: from the cache, or from one shared pass per split.
 
     A model is loaded (once) only when some split misses the cache. Returns split name -> model name ->
     {"summary": [M, D], "patch_mean": [M, D]} (kind `pooled`, float32) or {"patch": [M, N, D] (float16),
-    "grid": [M, 2]} (kind `patch`), plus "ok" [M] marking readable images.
+    "grid": [M, 2]} (kind `patch`; `dense_levels` > 1 concatenates the last feature levels, see
+    `multi_level_tokens`), plus "ok" [M] marking readable images.
     """
+    cache_kind = kind if kind == "pooled" or dense_levels == 1 else f"{kind}-levels{dense_levels}"
     out: dict[str, dict[str, dict[str, torch.Tensor]]] = {split.name: {} for split in splits}
     missing: dict[str, list[ModelRef]] = {split.name: [] for split in splits}
     for split in splits:
         for ref in refs:
-            cached = cache.load(cache.path(ref, split, kind))
+            cached = cache.load(cache.path(ref, split, cache_kind))
             if cached is not None:
                 log.info("%s: %s features of %s/ from the cache", ref.name, kind, split.name)
                 out[split.name][ref.name] = cached
@@ -557,13 +616,14 @@ def extract_features(
         encoder = encoders[ref.name]
 
         def fn(images_BCHW):
-            summary_BD, patch_BND, grid = encoder(images_BCHW)
             if kind == "pooled":
+                summary_BD, patch_BND, _ = encoder(images_BCHW)
                 return {"summary": summary_BD, "patch_mean": patch_BND.mean(dim=1)}
+            patch_BND, grid = encoder.dense_tokens(images_BCHW, dense_levels)
             return {"patch": patch_BND.half(), "grid": torch.tensor(grid).expand(patch_BND.shape[0], 2)}
 
-        meta = {"model": ref.name, "identity": ref.identity, "split": str(split.root), "kind": kind}
-        return Job(ref.name, ref.image_size, cache.path(ref, split, kind), fn, meta)
+        meta = {"model": ref.name, "identity": ref.identity, "split": str(split.root), "kind": cache_kind}
+        return Job(ref.name, ref.image_size, cache.path(ref, split, cache_kind), fn, meta)
 
     for split in splits:
         if missing[split.name]:

@@ -5,8 +5,10 @@ Shape legend: B batch, C channels, H/W pixels, N patch tokens, D token width, h/
 A source adapter (timm, hf, open_clip, py) only turns normalised pixels at the teacher's input size into
 tokens on the teacher's own feature grid (`Backbone.forward_tokens`). Everything every teacher shares lives in
 `Teacher`: pixels in [0, 255] (uint8) or [0, 1] (float) on any device, resized to the teacher's input size,
-normalised with the card's mean/std, run under no_grad (bf16 autocast on CUDA), register tokens already
-removed by the adapter, and patch tokens resampled onto the requested grid when the grids differ.
+normalised with the card's mean/std, run under no_grad, register tokens already removed by the adapter, and
+patch tokens resampled onto the requested grid when the grids differ. Precision follows the weights: a teacher
+whose weights were converted to bf16 runs natively in bf16 with autocast switched off (autocast would send every
+layer norm through fp32 and back); fp32 weights run under bf16 autocast on CUDA and in fp32 on the CPU.
 """
 
 from __future__ import annotations
@@ -87,8 +89,13 @@ class Teacher(nn.Module):
     @torch.no_grad()  # not inference_mode: the loss must be able to save these tensors for backward
     def forward(self, images_BCHW: torch.Tensor) -> TeacherTokens:
         x = self.preprocess(images_BCHW)
-        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=x.is_cuda):
-            summary_BD, patch_BND, feat_grid = self.backbone.forward_tokens(x)
+        weight_dtype = next(self.backbone.parameters()).dtype
+        if weight_dtype != torch.float32:  # converted weights: run in their dtype, nothing to autocast
+            with torch.autocast(x.device.type, enabled=False):
+                summary_BD, patch_BND, feat_grid = self.backbone.forward_tokens(x.to(weight_dtype))
+        else:
+            with torch.autocast("cuda", dtype=torch.bfloat16, enabled=x.is_cuda):
+                summary_BD, patch_BND, feat_grid = self.backbone.forward_tokens(x)
         patch_BND = resample_grid(patch_BND, tuple(feat_grid), self.grid)
         if not self.card.has_summary:
             summary_BD = None
