@@ -275,7 +275,10 @@ def render_markdown(summary: dict, meta: dict) -> str:
     lines += ["", "## Distillation runs", "", "| model | seconds | images/s | final loss |", "|---|---|---|---|"]
     for s in students:
         lines.append(f"| {s['name']} | {s['distill_seconds']} | {s['images_per_sec']} | {s['final_loss']:.4f} |")
-    lines += ["", f"Probe seconds: {meta['probe_seconds']}.", "", "Reproduce: `" + meta["command"] + "`", ""]
+    lines += ["", f"Probe seconds: {meta['probe_seconds']}."]
+    if meta.get("note"):
+        lines += ["", meta["note"]]
+    lines += ["", "Reproduce: `" + meta["command"] + "`", ""]
     return "\n".join(lines)
 
 
@@ -337,7 +340,7 @@ def main() -> None:
     summary = summarise(report, teachers, variants)
     import torch
 
-    num_distill = sum(1 for p in paths["distill"].rglob("*") if p.is_file())
+    num_distill = sum(len(files) for _, _, files in os.walk(paths["distill"], followlinks=True))  # symlinked folders
     meta = {"preset": args.preset, **asdict(preset), "seed": args.seed, "teachers": teachers,
             "distill_images": num_distill, "images_seen": preset.steps * preset.batch_size,
             "machine": f"{platform.machine()}, {os.cpu_count()} CPU cores, torch {torch.__version__}, "
