@@ -62,7 +62,7 @@ def test_parquet_source__block_shuffle_covers_every_image_once_per_epoch(hf_inpu
     from unic_cli.data import open_image_source
 
     source = open_image_source(hf_inputs["parquet"])
-    assert len(source) == 32 and len(source._start_G) - 1 == 4  # four row groups of 8
+    assert len(source) == 32 and len(source._start_U) - 1 == 4  # four row groups of 8
     order = source.epoch_order(np.random.default_rng(0))
     assert sorted(order.tolist()) == list(range(32))
     groups = [int(i) // 8 for i in order]

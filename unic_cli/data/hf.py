@@ -81,12 +81,25 @@ def _image_bytes(value, root: str) -> io.BytesIO | str:
 
 
 class _LazyFiles:
-    """Per-process file handles: dropped on pickling, reopened on first use in each worker."""
+    """Per-process file handles: dropped on pickling, reopened on first use in each worker.
+
+    Rows are stored in U chunks (files or row groups); `_start_U` holds each chunk's first row index, plus the
+    total at the end.
+    """
 
     _open: dict
+    _start_U: np.ndarray
 
     def __getstate__(self) -> dict:
         return {**self.__dict__, "_open": {}}
+
+    def __len__(self) -> int:
+        return int(self._start_U[-1])
+
+    def _locate(self, index: int) -> tuple[int, int]:
+        """(chunk, row within the chunk) of a global row index."""
+        u = int(np.searchsorted(self._start_U, index, side="right")) - 1
+        return u, index - int(self._start_U[u])
 
 
 class ArrowDiskSource(_LazyFiles):
@@ -106,14 +119,7 @@ class ArrowDiskSource(_LazyFiles):
             column = column or _image_column(reader.schema, self.root)
             starts.append(starts[-1] + sum(batch.num_rows for batch in reader))
         self.column = column
-        self._start_F = np.asarray(starts, dtype=np.int64)
-
-    def __len__(self) -> int:
-        return int(self._start_F[-1])
-
-    def _locate(self, index: int) -> tuple[int, int]:
-        f = int(np.searchsorted(self._start_F, index, side="right")) - 1
-        return f, index - int(self._start_F[f])
+        self._start_U = np.asarray(starts, dtype=np.int64)  # one chunk per file
 
     def name(self, index: int) -> str:
         f, row = self._locate(index)
@@ -145,17 +151,10 @@ class ParquetSource(_LazyFiles):
                 starts.append(starts[-1] + meta.metadata.row_group(g).num_rows)
         self.column = column
         self._file_G, self._group_G = np.asarray(file_ids, np.int32), np.asarray(groups, np.int32)
-        self._start_G = np.asarray(starts, dtype=np.int64)
+        self._start_U = np.asarray(starts, dtype=np.int64)  # one chunk per row group
 
     def __getstate__(self) -> dict:
         return {**super().__getstate__(), "_cache": OrderedDict()}
-
-    def __len__(self) -> int:
-        return int(self._start_G[-1])
-
-    def _locate(self, index: int) -> tuple[int, int]:
-        g = int(np.searchsorted(self._start_G, index, side="right")) - 1
-        return g, index - int(self._start_G[g])
 
     def name(self, index: int) -> str:
         g, row = self._locate(index)
@@ -176,8 +175,8 @@ class ParquetSource(_LazyFiles):
     def epoch_order(self, rng: np.random.Generator) -> np.ndarray:
         """Row groups in random order, rows shuffled within each: every image once, row groups read ~once."""
         order = []
-        for g in rng.permutation(len(self._start_G) - 1):
-            start, end = self._start_G[g], self._start_G[g + 1]
+        for g in rng.permutation(len(self._start_U) - 1):
+            start, end = self._start_U[g], self._start_U[g + 1]
             order.append(start + rng.permutation(end - start))
         return np.concatenate(order) if order else np.zeros(0, dtype=np.int64)
 
