@@ -346,15 +346,14 @@ def multi_level_tokens(module: Teacher, images_BCHW: torch.Tensor, num_levels: i
     if num_levels > available:
         raise ProbeError(f"--dense-layers {num_levels}: {module.card.alias!r} has {available} feature levels; "
                          f"use at most {available}")
-    x = module.preprocess(images_BCHW)
-    weight_dtype = next(model.parameters()).dtype
-    with torch.autocast("cuda", dtype=torch.bfloat16, enabled=x.is_cuda and weight_dtype == torch.float32):
+    x, autocast = module.precision(module.preprocess(images_BCHW))
+    with autocast:
         if module.card.family == "vit":
-            maps = model.forward_intermediates(x.to(weight_dtype), indices=num_levels, norm=True, output_fmt="NCHW",
+            maps = model.forward_intermediates(x, indices=num_levels, norm=True, output_fmt="NCHW",
                                                intermediates_only=True)
             grid = tuple(maps[-1].shape[-2:])
         else:
-            maps = model.forward_intermediates(x.to(weight_dtype), indices=num_levels, intermediates_only=True)
+            maps = model.forward_intermediates(x, indices=num_levels, intermediates_only=True)
             stride = min(DENSE_STRIDE, x.shape[-1] // maps[-1].shape[-1])
             grid = (-(-x.shape[-2] // stride), -(-x.shape[-1] // stride))
     resized = []

@@ -86,16 +86,18 @@ class Teacher(nn.Module):
                               antialias=mode != "nearest")
         return (x - self.mean_C) / self.std_C
 
-    @torch.no_grad()  # not inference_mode: the loss must be able to save these tensors for backward
-    def forward(self, images_BCHW: torch.Tensor) -> TeacherTokens:
-        x = self.preprocess(images_BCHW)
+    def precision(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.autocast]:
+        """(preprocessed pixels in the backbone's dtype, the autocast context to run the backbone under)."""
         weight_dtype = next(self.backbone.parameters()).dtype
         if weight_dtype != torch.float32:  # converted weights: run in their dtype, nothing to autocast
-            with torch.autocast(x.device.type, enabled=False):
-                summary_BD, patch_BND, feat_grid = self.backbone.forward_tokens(x.to(weight_dtype))
-        else:
-            with torch.autocast("cuda", dtype=torch.bfloat16, enabled=x.is_cuda):
-                summary_BD, patch_BND, feat_grid = self.backbone.forward_tokens(x)
+            return x.to(weight_dtype), torch.autocast(x.device.type, enabled=False)
+        return x, torch.autocast("cuda", dtype=torch.bfloat16, enabled=x.is_cuda)
+
+    @torch.no_grad()  # not inference_mode: the loss must be able to save these tensors for backward
+    def forward(self, images_BCHW: torch.Tensor) -> TeacherTokens:
+        x, autocast = self.precision(self.preprocess(images_BCHW))
+        with autocast:
+            summary_BD, patch_BND, feat_grid = self.backbone.forward_tokens(x)
         patch_BND = resample_grid(patch_BND, tuple(feat_grid), self.grid)
         if not self.card.has_summary:
             summary_BD = None
