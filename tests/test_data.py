@@ -253,6 +253,35 @@ def test_augment_unic__seeded_uint8_and_varied() -> None:
     assert len({v.float().mean().item() for v in views}) == 8
 
 
+def _frame(side: int = 96) -> Image.Image:
+    """White square inside a black frame a quarter of the side wide: corners dark, centre bright."""
+    pixels = np.zeros((side, side, 3), dtype=np.uint8)
+    pixels[side // 4: -side // 4, side // 4: -side // 4] = 255
+    return Image.fromarray(pixels)
+
+
+@pytest.mark.parametrize(("crop_scale", "least", "most"), [((1.0, 1.0), 0.6, 1.0), ((0.08, 0.08), 0.0, 0.0)])
+def test_train_loader__crop_scale_sets_the_crop_area(tmp_path, crop_scale, least, most) -> None:
+    for i in range(32):
+        _frame().save(tmp_path / f"{i}.png")
+    batch = _take(build_train_loader(tmp_path, image_size=32, batch_size=32, num_workers=0, seed=3,
+                                     crop_scale=crop_scale), 1)[0]
+    gray = batch.images_BCHW.float().mean(dim=1)  # B, H, W
+    corners = torch.stack([gray[:, 0, 0], gray[:, 0, -1], gray[:, -1, 0], gray[:, -1, -1]], dim=1)
+    centre = gray[:, 14:18, 14:18].mean(dim=(1, 2))
+    # a view of the whole image has four alike corners (the frame) unlike its centre, unless colour jitter,
+    # blur or solarisation flattened it; a 0.08 crop (at most a third of the side) never spans the frame
+    whole = (corners.amax(dim=1) - corners.amin(dim=1) < 30) & ((corners.mean(dim=1) - centre).abs() > 60)
+    assert least <= whole.float().mean().item() <= most
+
+
+def test_build_train_loader__rejects_a_bad_crop_scale(tmp_path) -> None:
+    _write_folder(tmp_path, 4)
+    for bad in ((0.5, 0.2), (0.0, 1.0), (0.3, 1.5), (0.5,)):
+        with pytest.raises(DataError, match="crop scale must be two fractions"):
+            build_train_loader(tmp_path, image_size=SIZE, batch_size=2, num_workers=0, seed=0, crop_scale=bad)
+
+
 # --- evaluation loader ---------------------------------------------------------------------------
 
 

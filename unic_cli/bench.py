@@ -160,19 +160,14 @@ def _flops_per_image(config: DistillConfig) -> dict:
 
 def _time_steps(tr, warmup: int, flops: dict) -> dict:
     from unic_cli import train_step
-    from unic_cli.plan import load_size
+    from unic_cli.plan import load_size, train_loader
     from unic_cli.schedule import ema_momentum
 
     config, device, dist = tr.config, tr.device, tr.dist
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     if config.data_dir is not None:
-        from unic_cli.data import build_train_loader
-
-        batches = iter(build_train_loader(config.data_dir, image_size=load_size(config.image_size, tr.teachers),
-                                          batch_size=config.batch_size, num_workers=config.num_workers,
-                                          seed=config.seed, rank=dist.rank, world_size=dist.world_size,
-                                          augment=config.augment))
+        batches = iter(train_loader(config, tr.teachers, rank=dist.rank, world_size=dist.world_size))
     else:
         batches = _synthetic_batches(config.batch_size, load_size(config.image_size, tr.teachers), config.seed)
     timer = _Timer(device)

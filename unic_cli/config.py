@@ -214,6 +214,8 @@ class DistillConfig(CommandConfig):
         ladder_last_hidden: hidden width of the last-block heads; default 4x the student width.
         teacher_drop_prob: Eq. 4's p (0 turns teacher dropping off; the paper uses 0.25 for large students).
         augment: data augmentation ("unic": the paper's recipe; "none": resize + center crop).
+        crop_scale: area range of the "unic" random resized crop, as fractions of the image (official 0.08-1;
+            milder crops, e.g. 0.35-1, keep small images such as CIFAR's 32 px recognisable to their teachers).
         device: "auto" (cuda when available), "cpu", "cuda" or "cuda:N".
         num_workers: image decoding processes per training process.
         seed: seeds the student init, the data order and augmentations, and teacher dropping.
@@ -258,6 +260,7 @@ class DistillConfig(CommandConfig):
     ladder_last_hidden: int | None = None
     teacher_drop_prob: float = 0.5
     augment: str = "unic"
+    crop_scale: tuple[float, ...] = (0.08, 1.0)
     device: str = "auto"
     num_workers: int = 4
     seed: int = 0
@@ -331,6 +334,9 @@ class DistillConfig(CommandConfig):
                             f"got {self.ladder_blocks!r}")
         if self.augment not in ("unic", "none"):
             problems.append(f"--augment must be 'unic' or 'none', got {self.augment!r}")
+        if not (len(self.crop_scale) == 2 and 0.0 < self.crop_scale[0] <= self.crop_scale[1] <= 1.0):
+            problems.append(f"--crop-scale must be two fractions 0 < MIN <= MAX <= 1 (e.g. 0.35 1), "
+                            f"got {' '.join(map(str, self.crop_scale))}")
         device = self.device
         if not (device in ("auto", "cpu", "cuda") or (device.startswith("cuda:") and device[5:].isdigit())):
             problems.append(f"--device must be auto, cpu, cuda or cuda:N, got {device!r}")

@@ -181,8 +181,7 @@ def run(config: DistillConfig, *, resume: bool = False, overwrite: bool = False,
 
 
 def _run(config, dist, device, *, resume, overwrite, hooks, timer) -> RunResult:
-    from unic_cli.data import build_train_loader
-    from unic_cli.plan import describe, ladder_meta, load_size
+    from unic_cli.plan import describe, ladder_meta, train_loader
     from unic_cli.plots import plot_run
 
     hooks = hooks if hooks is not None and dist.is_main else DistillHooks()
@@ -204,9 +203,7 @@ def _run(config, dist, device, *, resume, overwrite, hooks, timer) -> RunResult:
         ckpt = load_checkpoint(run_dir)
 
     tr = build_trainer(config, device, dist, ckpt)
-    loader = build_train_loader(config.data_dir, image_size=load_size(config.image_size, tr.teachers),
-                                batch_size=config.batch_size, num_workers=config.num_workers, seed=config.seed,
-                                rank=dist.rank, world_size=dist.world_size, augment=config.augment)
+    loader = train_loader(config, tr.teachers, rank=dist.rank, world_size=dist.world_size)
     num_steps, steps_per_epoch = total_steps(config, loader.steps_per_epoch)
     info = describe(config, tr.core, tr.teachers)
     if dist.is_main:

@@ -112,6 +112,19 @@ def load_size(image_size: int, teachers: Sequence[nn.Module]) -> int:
     return max([image_size, *(max(t.input_size) for t in teachers)])
 
 
+def train_loader(config: DistillConfig, teachers: Sequence[nn.Module], *, rank: int = 0, world_size: int = 1,
+                 num_workers: int | None = None):
+    """The training stream of a distill config: its data, seed, augmentation and crop scale, loaded at
+    `load_size` for these teachers (one place for `unic distill`, `unic bench` and `--dry-run`)."""
+    from unic_cli.data import build_train_loader
+
+    return build_train_loader(config.data_dir, image_size=load_size(config.image_size, teachers),
+                              batch_size=config.batch_size,
+                              num_workers=config.num_workers if num_workers is None else num_workers,
+                              seed=config.seed, rank=rank, world_size=world_size, augment=config.augment,
+                              crop_scale=tuple(config.crop_scale))
+
+
 def compile_repeated_blocks(module: nn.Module) -> int:
     """`torch.compile` each block of every run of identical blocks (a ViT's `blocks`, HF's `layer`, open_clip's
     `resblocks`), in place; returns how many blocks were compiled.
@@ -251,13 +264,11 @@ def plan_distillation(config: DistillConfig) -> dict:
     Returns `describe()`'s dict plus the data size and schedule, FLOPs per image (teachers forward, student
     and ladder forward + backward) and a rough peak-memory estimate at the chosen batch size.
     """
-    from unic_cli.data import build_train_loader
     from unic_cli.distill import resolve_device, total_steps
 
     device = resolve_device(config.device)
     model, teachers = build_meta(config)
-    loader = build_train_loader(config.data_dir, image_size=load_size(config.image_size, teachers),
-                                batch_size=config.batch_size, num_workers=0, seed=config.seed, augment=config.augment)
+    loader = train_loader(config, teachers, num_workers=0)
     plan = describe(config, model, teachers)
     num_steps, steps_per_epoch = total_steps(config, loader.steps_per_epoch)
     plan["data"] = {"num_images": loader.num_images, "steps_per_epoch": steps_per_epoch, "total_steps": num_steps,

@@ -17,12 +17,13 @@ from unic_cli.cli import unic
 
 def test_distill__reports_every_bad_input_at_once(tmp_path):
     args = ["distill", "--teachers", "dinov2_gg", "metaclip_h", "--teacher-drop-prob", "1.5",
-            "--data", str(tmp_path / "missing"), "--out", str(tmp_path / "run"), "--steps", "0"]
+            "--data", str(tmp_path / "missing"), "--out", str(tmp_path / "run"), "--steps", "0",
+            "--crop-scale", "0.6", "0.3"]
     result = CliRunner().invoke(unic, args)
     assert result.exit_code == 2, result.output
-    assert "Traceback" not in result.output and "4 problems" in result.output
+    assert "Traceback" not in result.output and "5 problems" in result.output
     for message in ("Did you mean 'dinov2_g'", "--teacher-drop-prob must be in [0, 1), got 1.5",
-                    "missing' does not exist", "--steps must be >= 1"):
+                    "missing' does not exist", "--steps must be >= 1", "--crop-scale must be two fractions"):
         assert message in result.output
     assert not (tmp_path / "run").exists()
 

@@ -58,6 +58,9 @@ _FLAGS = [
     (("--ema-momentum-end",), dict(type=float, help=_help("Standardisation EMA momentum at the end.",
                                                           "ema_momentum_end"))),
     (("--augment",), dict(metavar="unic|none", help=_help("Data augmentation.", "augment"))),
+    (("--crop-scale",), dict(type=float, nargs=2, metavar="MIN MAX", default=None,
+                             help="Random crop area range, fractions of the image  [default: 0.08 1 (the "
+                                  "paper's)].")),
     (("--num-workers",), dict(type=int, help=_help("Image decoding processes.", "num_workers"))),
     (("--seed",), dict(type=int, help=_help("Random seed.", "seed"))),
     (("--log-every",), dict(type=int, help=_help("Steps between metrics.jsonl lines.", "log_every"))),

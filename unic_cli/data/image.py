@@ -142,14 +142,15 @@ def random_resized_crop_box(width: int, height: int, rng: np.random.Generator,
     return (left, top, left + w, top + h)
 
 
-def augment_unic(img: Image.Image, image_size: int, rng: np.random.Generator) -> torch.Tensor:
+def augment_unic(img: Image.Image, image_size: int, rng: np.random.Generator,
+                 crop_scale: tuple[float, float] = (0.08, 1.0)) -> torch.Tensor:
     """The official UNIC training recipe (naver/unic `main_unic.py`) on an image in memory.
 
-    RandomResizedCrop(scale 0.08-1, ratio 3/4-4/3, bicubic, antialiased), then `augment_colour`.
-    The loaders do the same from files through `load_crop`, which also decodes large JPEGs at
+    RandomResizedCrop(scale `crop_scale`, official 0.08-1; ratio 3/4-4/3, bicubic, antialiased), then
+    `augment_colour`. The loaders do the same from files through `load_crop`, which also decodes large JPEGs at
     reduced scale.
     """
-    box = random_resized_crop_box(img.width, img.height, rng)
+    box = random_resized_crop_box(img.width, img.height, rng, scale=crop_scale)
     return augment_colour(img.resize((image_size, image_size), Image.Resampling.BICUBIC, box=box), rng)
 
 

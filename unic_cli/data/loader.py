@@ -71,8 +71,10 @@ class _Sample:
 class _TrainDataset(torch.utils.data.Dataset):
     """Map-style dataset over an image source; keys are (index, epoch) so augmentations can be seeded."""
 
-    def __init__(self, source, *, image_size: int, augment: str, seed: int) -> None:  # see open_image_source
+    def __init__(self, source, *, image_size: int, augment: str, seed: int,
+                 crop_scale: tuple[float, float]) -> None:  # see open_image_source
         self.source, self.image_size, self.augment, self.seed = source, image_size, augment, seed
+        self.crop_scale = crop_scale
 
     def __len__(self) -> int:
         return len(self.source)
@@ -84,7 +86,7 @@ class _TrainDataset(torch.utils.data.Dataset):
             if self.augment == "unic":
                 rng = np.random.default_rng([self.seed, epoch, index, _AUGMENT_TAG])
                 img = load_crop(self.source.open(index), self.image_size,
-                                partial(random_resized_crop_box, rng=rng))
+                                partial(random_resized_crop_box, rng=rng, scale=self.crop_scale))
                 return _Sample(augment_colour(img, rng), path, None)
             img = load_crop(self.source.open(index), self.image_size, center_square_box)
             return _Sample(to_tensor(img), path, None)
@@ -259,7 +261,7 @@ class TrainLoader:
 
 def build_train_loader(data_dir: Path, *, image_size: int, batch_size: int, num_workers: int, seed: int,
                        rank: int = 0, world_size: int = 1, augment: str = "unic",
-                       pin_memory: bool | None = None) -> TrainLoader:
+                       crop_scale: tuple[float, float] = (0.08, 1.0), pin_memory: bool | None = None) -> TrainLoader:
     """Endless training stream over a folder of images (class subfolders allowed, labels ignored).
 
     Args:
@@ -271,6 +273,7 @@ def build_train_loader(data_dir: Path, *, image_size: int, batch_size: int, num_
         seed: fixes the order and every augmentation; must be >= 0.
         rank, world_size: this process's slice of every global batch of `batch_size * world_size`.
         augment: "unic" (the paper's recipe, `augment_unic`) or "none" (resize + center crop).
+        crop_scale: the random crop's area range, as fractions of the image (the "unic" augmentation).
         pin_memory: pin batches for fast host-to-device copies; default: when CUDA is available.
 
     Raises:
@@ -278,12 +281,15 @@ def build_train_loader(data_dir: Path, *, image_size: int, batch_size: int, num_
     """
     if augment not in AUGMENTATIONS:
         raise DataError(f"Unknown augmentation {augment!r}; choose one of {', '.join(AUGMENTATIONS)}.")
+    if not (len(crop_scale) == 2 and 0.0 < crop_scale[0] <= crop_scale[1] <= 1.0):
+        raise DataError(f"crop scale must be two fractions 0 < MIN <= MAX <= 1, got {list(crop_scale)}.")
     if not 0 <= rank < world_size:
         raise DataError(f"rank {rank} is outside world size {world_size}.")
     if seed < 0:
         raise DataError(f"The data seed must be >= 0, got {seed}.")
     source = open_image_source(data_dir)
-    dataset = _TrainDataset(source, image_size=image_size, augment=augment, seed=seed)
+    dataset = _TrainDataset(source, image_size=image_size, augment=augment, seed=seed,
+                            crop_scale=(float(crop_scale[0]), float(crop_scale[1])))
     global_batch = batch_size * world_size
     if len(dataset) < global_batch:
         raise DataError(f"{source.root!r} has {len(dataset)} images, fewer than one global batch of "
