@@ -71,8 +71,8 @@ def demo(**flags) -> None:
                   f"probes {s['probe']:.0f} s). Final distillation loss: {result.final_loss:.4f}.")
     console.print(f"Student: {result.student_dir}  (run: {result.run_dir}; reports: "
                   f"{config.out_dir / 'probe' / 'probe.md'})\n"
-                  "Scores are top-1 accuracy on tiny test sets (100 faces, 120 crops): a student distilled for two "
-                  "minutes on 21 photos shows the pipeline, not the paper's result (see benchmarks/). Compare it "
+                  "Scores are top-1 accuracy on tiny test sets (100 faces, 120 crops): a student distilled for 60 "
+                  "steps on 21 photos shows the pipeline, not the paper's result (see benchmarks/). Compare it "
                   "with its random-init row to see what distillation added.")
 
 
