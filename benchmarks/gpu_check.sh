@@ -5,15 +5,22 @@
 #      vit_large_patch14_224 at 224 px (patch 14: a 16x16 grid; bf16 autocast), teacher dropping p=0.25, the
 #      batch sizes in $SIZES tried in turn on the same models -> images/s, peak memory, split and MFU;
 #      with BASELINE=DIR, the same bench first on the code in DIR (e.g. `git archive HEAD~1 | tar -x -C DIR`),
-#      so before/after come from one machine; with COMPILE=1, the same bench again under `--compile`;
+#      so before/after come from one machine; with COMPILE=1, the same bench again under `--compile`, once per
+#      torch.compile mode in $COMPILE_MODES (default: "default"; e.g. "default max-autotune-no-cudagraphs");
+#      SKIP_EAGER=1 leaves out the bench without --compile;
+#      with PROFILE=1 each compiled bench also profiles one step (`--profile`: kernel time by kind, trace);
 #   2. the distill and teacher-precision tests on CUDA (UNIC_TEST_DEVICE=cuda).
-# Results go to $OUT (the device tool's folder) or ./gpu_out. Every knob is an environment variable, so the
-# same script was tried on the CPU with tiny models first:
+# The summary goes to $OUT/summary.txt (the device tool's folder, or ./gpu_out), everything else (JSON, logs,
+# op tables, gzipped traces) into $OUT/gpu_results.tar.gz, re-packed after each part: the device tool returns at
+# most 8 files. Every knob is an environment variable, so the same script was tried on the CPU with tiny models:
 #   PYTHON=.venv/bin/python DEVICE=cpu TEACHERS="timm:test_vit timm:test_vit2" STUDENT=test_vit IMAGE=64 \
-#     SIZES=2,4 STEPS=1 SKIP_TESTS=1 COMPILE=1 bash benchmarks/gpu_check.sh
+#     SIZES=2,4 STEPS=1 SKIP_TESTS=1 COMPILE=1 COMPILE_MODES="default max-autotune-no-cudagraphs" PROFILE=1 \
+#     bash benchmarks/gpu_check.sh
 set -uo pipefail
 OUT=${OUT:-gpu_out}
+WORK=$(mktemp -d)
 mkdir -p "$OUT"
+pack() { tar czf "$OUT/gpu_results.tar.gz" -C "$WORK" . ; }
 PY=${PYTHON:-python3}
 DEVICE=${DEVICE:-cuda}
 TEACHERS=${TEACHERS:-dinov2_g metaclip_h}
@@ -31,7 +38,7 @@ export PYTHONPATH=$PWD${SITE:+:$SITE}
 
 { nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>/dev/null || echo "no nvidia-smi"
   "$PY" -c "import torch, timm, open_clip; print('torch', torch.__version__, 'timm', timm.__version__, 'open_clip',
-open_clip.__version__, 'cuda', torch.cuda.is_available())"; } 2>&1 | tee "$OUT/env.txt"
+open_clip.__version__, 'cuda', torch.cuda.is_available())"; } 2>&1 | tee "$WORK/env.txt"
 
 summarise() {  # one line per batch size of a bench JSON
   "$PY" - "$1" <<'PYEOF'
@@ -50,6 +57,12 @@ for s in r.get("sweep", [r]):
           f"{s['achieved_flops_per_sec'] / 1e12:.1f} TFLOP/s, MFU {mfu}, peak {s['peak_mem_bytes'] / 2**30:.1f} GiB"
           f" | {split}")
 print(f"{r['device']}: {r['flops_per_image']['train_step'] / 1e9:.0f} GFLOP/image; best batch {r['batch_size']}")
+if prof := r.get("profile"):
+    total = prof["total_sec"] or 1
+    print(f"profile at batch {prof['batch_size']} ({prof['clock']} {total:.3f} s): "
+          + ", ".join(f"{k} {100 * v / total:.0f}%" for k, v in prof["by_kind_sec"].items()))
+    for top in prof["top"][:8]:
+        print(f"  {top['sec'] * 1000:8.1f} ms x{top['count']:<5} {top['name'][:100]}")
 PYEOF
 }
 
@@ -59,20 +72,28 @@ bench() {  # NAME CODE_DIR TIMEOUT [extra flags...]
   # shellcheck disable=SC2086  # TEACHERS is a list
   PYTHONPATH=$code${SITE:+:$SITE} timeout "$limit" "$PY" -m unic_cli bench --teachers $TEACHERS --student "$STUDENT" \
     --image-size "$IMAGE" --device "$DEVICE" --teacher-drop-prob 0.25 --try-batch-sizes "$SIZES" --steps "$STEPS" \
-    --warmup "${WARMUP:-2}" --json "$@" > "$OUT/bench_$name.json" 2> "$OUT/bench_$name.err"
+    --warmup "${WARMUP:-2}" --json "$@" > "$WORK/bench_$name.json" 2> "$WORK/bench_$name.err"
   echo "== $name: exit code $? after $((SECONDS - start)) s"
-  tail -c 600 "$OUT/bench_$name.err"
-  summarise "$OUT/bench_$name.json"
+  tail -c 600 "$WORK/bench_$name.err"
+  summarise "$WORK/bench_$name.json"
+  [ -f "$WORK/profile_$name/trace.json" ] && gzip "$WORK/profile_$name/trace.json"
+  pack
 }
 
 if [ -z "${SKIP_BENCH:-}" ]; then
   [ -n "${BASELINE:-}" ] && bench baseline "$(cd "$BASELINE" && pwd)" "${BENCH_TIMEOUT:-100}"
-  bench unic_l "$PWD" "${BENCH_TIMEOUT:-100}"
-  [ -n "${COMPILE:-}" ] && WARMUP=3 bench compile "$PWD" "${COMPILE_TIMEOUT:-240}" --compile
-fi 2>&1 | tee "$OUT/bench_summary.txt"
+  [ -z "${SKIP_EAGER:-}" ] && bench unic_l "$PWD" "${BENCH_TIMEOUT:-100}"
+  if [ -n "${COMPILE:-}" ]; then
+    for mode in ${COMPILE_MODES:-default}; do
+      WARMUP=3 bench "compile_$mode" "$PWD" "${COMPILE_TIMEOUT:-240}" --compile --compile-mode "$mode" \
+        ${PROFILE:+--profile "$WORK/profile_compile_$mode"}
+    done
+  fi
+fi 2>&1 | tee "$OUT/summary.txt"
 
 if [ -z "${SKIP_TESTS:-}" ]; then
   UNIC_TEST_DEVICE=$DEVICE timeout "${TEST_TIMEOUT:-80}" "$PY" -m pytest -q -x -p no:cacheprovider -m "not slow" \
     tests/test_distill.py tests/teachers/test_precision.py tests/teachers/test_timm.py 2>&1 \
-    | tail -n 15 | tee "$OUT/pytest_cuda.txt"
+    | tail -n 15 | tee "$WORK/pytest_cuda.txt" | tee -a "$OUT/summary.txt"
 fi
+pack

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from unic_cli.bench import PARTS, bf16_peak_flops, run_bench
+from unic_cli.bench import PARTS, bf16_peak_flops, kernel_kind, run_bench
 from unic_cli.config import BenchConfig
 
 
@@ -27,3 +27,23 @@ def test_run_bench__sweeps_batch_sizes_on_real_data_and_reports_the_split(tiny_t
     assert flops["train_step"] == sum(flops["teachers"]) + 3 * flops["student_and_ladder_forward"] > 0
     assert result["flops_per_step"] == flops["train_step"] * result["global_batch"]
     assert result["teacher_dtype"] in ("bfloat16", "float32") and result["student_dtype"] == "fp32"
+
+
+@pytest.mark.parametrize("name, kind", [
+    ("nvjet_tst_256x128_64x4_2x1_v_bz_coopA_TNT", "matmul"),  # cuBLAS on an H100
+    ("sm90_xmma_gemm_bf16bf16_bf16f32_f32_tn_n_tilesize128x256x64_warpgroupsize2x1x1_execute_segment_k_off_kernel__5x_cublas", "matmul"),
+    ("triton_tem_fused_addmm_gelu_3", "matmul"),  # inductor's matmul template with a fused epilogue
+    ("aten::baddbmm", "matmul"),
+    ("aten::mkldnn_convolution", "matmul"),
+    ("void pytorch_flash::flash_fwd_kernel<Flash_fwd_kernel_traits<64, 128, 128, 4, false, false, cutlass::bfloat16_t>>", "attention"),
+    ("aten::_scaled_dot_product_flash_attention_for_cpu", "attention"),
+    ("triton_poi_fused__scaled_dot_product_flash_attention_add_0", "fused elementwise"),
+    ("triton_red_fused_native_layer_norm_1", "fused elementwise"),
+    ("## Call CompiledFxGraph fhi2c7xpuc5elv4nt2ayvegmmtm2pxojats64yo5iyiucuxzed3p ##", "fused elementwise"),
+    ("Memcpy HtoD (Pinned -> Device)", "memcpy/memset"),
+    ("ncclDevKernel_AllReduce_Sum_f32_RING_LL(ncclDevKernelArgsStorage<4096ul>)", "communication"),
+    ("void at::native::vectorized_elementwise_kernel<4, at::native::GeluCUDAKernelImpl>", "other"),
+    ("aten::native_layer_norm", "other"),
+])
+def test_kernel_kind__real_kernel_and_op_names(name, kind):
+    assert kernel_kind(name) == kind

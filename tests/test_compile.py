@@ -13,10 +13,14 @@ from unic_cli.config import BenchConfig
 from unic_cli.distributed import dist_info
 
 
+def _config(tiny_teachers, **fields):
+    return BenchConfig.from_sources(None, dict(teachers=tiny_teachers, student="test_vit", image_size=64,
+                                               batch_size=4, device="cpu", drop_path_rate=0.1,
+                                               random_init_teachers=True, **fields))
+
+
 def _losses(tiny_teachers, compile_: bool):
-    config = BenchConfig.from_sources(None, dict(teachers=tiny_teachers, student="test_vit", image_size=64,
-                                                 batch_size=4, device="cpu", drop_path_rate=0.1,
-                                                 random_init_teachers=True, compile=compile_))
+    config = _config(tiny_teachers, compile=compile_)
     tr = train_step.build_trainer(config, torch.device("cpu"), dist_info())
     tr.core.student.eval()  # no stochastic depth: the eager and compiled masks are drawn differently
     stats = train_step.forward_backward(tr, _synthetic_batches(4, 64, 0), 0.5, lambda name: contextlib.nullcontext())
@@ -38,3 +42,25 @@ def test_compile__blocks_share_one_graph_and_match_eager(tiny_teachers):
     torch.testing.assert_close(compiled_TM, eager_TM, rtol=1e-2, atol=1e-3, equal_nan=True)  # bf16 teachers
     cos = torch.nn.functional.cosine_similarity(compiled_grads, eager_grads, dim=0)
     assert cos > 0.999 and compiled_grads.norm() / eager_grads.norm() == pytest.approx(1, rel=1e-2)
+
+
+@pytest.mark.parametrize("mode, autotune, cuda_graphs", [("default", False, False),
+                                                         ("max-autotune-no-cudagraphs", True, False),
+                                                         ("reduce-overhead", False, True)])
+def test_compile_mode__reaches_every_compiled_block_and_the_ladder(tiny_teachers, mode, autotune, cuda_graphs):
+    # compilation is lazy: building the trainer wraps the modules, nothing is traced yet
+    tr = train_step.build_trainer(_config(tiny_teachers, compile=True, compile_mode=mode), torch.device("cpu"),
+                                  dist_info())
+    modules = [*tr.core.modules(), *(m for t in tr.teachers for m in t.modules())]
+    compiled = [m for m in modules if getattr(m, "_compiled_call_impl", None) is not None]
+    assert len(compiled) == 6 + (6 + 8) + 1  # student test_vit, teachers test_vit and test_vit2, the ladder
+    for module in compiled:
+        config = module._compiled_call_impl.get_compiler_config()
+        assert config["max_autotune"] is autotune and config["triton.cudagraphs"] is cuda_graphs, module
+
+
+def test_compile_mode__needs_compile(tiny_teachers):
+    from unic_cli.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="--compile-mode max-autotune needs --compile"):
+        _config(tiny_teachers, compile_mode="max-autotune").validate()

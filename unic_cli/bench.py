@@ -22,7 +22,9 @@ import logging
 import resource
 import sys
 import time
+import re
 from collections import defaultdict
+from pathlib import Path
 
 import torch
 
@@ -107,7 +109,8 @@ def _host_peak_bytes() -> int:
     return rss if sys.platform == "darwin" else rss * 1024
 
 
-def run_bench(config: DistillConfig, *, warmup: int = 2, batch_sizes: tuple[int, ...] = ()) -> dict:
+def run_bench(config: DistillConfig, *, warmup: int = 2, batch_sizes: tuple[int, ...] = (),
+              profile_dir: Path | None = None) -> dict:
     """Time `config.steps` training steps after `warmup` untimed ones; returns the measurements as a dict.
 
     Args:
@@ -115,6 +118,7 @@ def run_bench(config: DistillConfig, *, warmup: int = 2, batch_sizes: tuple[int,
         warmup: untimed steps first (allocator, autotuning, `--compile`).
         batch_sizes: per-process batch sizes to try, in the given order, on the same built models; the first
             out-of-memory ends the sweep. The result is the fastest that fits, with every trial in `sweep`.
+        profile_dir: then one more step at the fastest batch size under torch.profiler (`profile_step`).
     """
     from dataclasses import replace
 
@@ -143,12 +147,17 @@ def run_bench(config: DistillConfig, *, warmup: int = 2, batch_sizes: tuple[int,
                 gc.collect()
                 if device.type == "cuda":
                     torch.cuda.empty_cache()
+        fitting = [r for r in results if not r.get("oom")]
+        if not fitting:
+            raise torch.OutOfMemoryError(f"batch size {results[0]['batch_size']} does not fit on {device}")
+        best = {**max(fitting, key=lambda r: r["images_per_sec"]), "build_sec": build_s}
+        if profile_dir is not None:
+            tr.config = replace(config, batch_size=best["batch_size"])
+            profile = profile_step(tr, profile_dir)
+            if dist.is_main:
+                best["profile"] = profile
     finally:
         distributed.teardown(created)
-    fitting = [r for r in results if not r.get("oom")]
-    if not fitting:
-        raise torch.OutOfMemoryError(f"batch size {results[0]['batch_size']} does not fit on {device}")
-    best = {**max(fitting, key=lambda r: r["images_per_sec"]), "build_sec": build_s}
     return {**best, "sweep": results} if batch_sizes else best
 
 
@@ -217,6 +226,7 @@ def _time_steps(tr, warmup: int, flops: dict) -> dict:
         "teacher_dtype": str(tr.teacher_dtype).removeprefix("torch."),
         "student_dtype": "bf16" if tr.core.student_bf16 else "fp32",
         "compile": config.compile,
+        "compile_mode": config.compile_mode if config.compile else None,
         "fsdp": config.fsdp,
         "loss": float(stats.loss),
     }
@@ -225,3 +235,71 @@ def _time_steps(tr, warmup: int, flops: dict) -> dict:
         result["bf16_peak_flops"] = peak
         result["mfu"] = achieved / (peak * dist.world_size) if peak else None
     return result
+
+
+# Kernel (GPU) or operator (CPU) names by kind, the first match wins: inductor's fused elementwise/reduction
+# kernels (on the CPU they run inside a compiled graph's call, whose self time they are), attention, matrix products (cuBLAS nvjet/xmma, CUTLASS, inductor's mm templates, cuDNN convolutions,
+# aten mm/bmm/addmm/baddbmm/linear and convolutions on the CPU), copies and fills, collectives.
+_KINDS = (
+    ("fused elementwise", re.compile(r"^triton_(?:poi|red|per)_|^cpp_fused_|^## Call CompiledFxGraph")),
+    ("attention", re.compile(r"flash|fmha|attention|sdpa|scaled_dot_product", re.I)),
+    ("matmul", re.compile(r"gemm|nvjet|xmma|cutlass|cublas|cudnn|triton_tem_|"
+                          r"aten::(?:mm|bmm|addmm|baddbmm|linear|matmul|[a-z_]*convolution)$", re.I)),
+    ("memcpy/memset", re.compile(r"^Memcpy|^Memset|^aten::(?:copy_|fill_|zero_)$", re.I)),
+    ("communication", re.compile(r"nccl|gloo|all_?reduce|all_?gather|reduce_?scatter", re.I)),
+)
+
+
+def kernel_kind(name: str) -> str:
+    """The kind of one profiled GPU kernel or CPU op (`_KINDS`), or "other"."""
+    return next((kind for kind, pattern in _KINDS if pattern.search(name)), "other")
+
+
+def profile_step(tr, out_dir: Path) -> dict:
+    """One training step (batch size `tr.config.batch_size`) under torch.profiler.
+
+    Writes `out_dir/trace.json` (the timeline with the step's parts as ranges, for Perfetto or
+    chrome://tracing) and `out_dir/ops.txt` (the 50 costliest ops or kernels); returns the total GPU kernel time
+    (CPU: self time of every op, all threads) and its split by `kernel_kind`, with the 15 costliest names.
+    """
+    from torch.profiler import ProfilerActivity, profile, record_function
+
+    from unic_cli import train_step
+    from unic_cli.plan import load_size
+
+    config, device = tr.config, tr.device
+    cuda = device.type == "cuda"
+    batches = _synthetic_batches(config.batch_size, load_size(config.image_size, tr.teachers), config.seed)
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    tr.optimizer.zero_grad(set_to_none=True)
+    with profile(activities=activities) as prof:
+        with record_function("unic_step"):
+            stats = train_step.forward_backward(tr, batches, config.ema_momentum_end, record_function)
+            if torch.isfinite(stats.loss):
+                train_step.optimizer_step(tr, record_function)
+        if cuda:
+            torch.cuda.synchronize(device)
+    tr.optimizer.zero_grad(set_to_none=True)
+    out_dir = Path(out_dir) / (f"rank{tr.dist.rank}" if tr.dist.world_size > 1 else "")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    trace, table = out_dir / "trace.json", out_dir / "ops.txt"
+    prof.export_chrome_trace(str(trace))
+    events = prof.key_averages()
+    if cuda:  # kernels only: their self time is GPU time, nothing counted twice
+        costs = [(e.key, e.self_device_time_total, e.count) for e in events if e.device_type.name == "CUDA"]
+    else:  # operators' self time (user ranges such as the step's parts hold only Python time)
+        costs = [(e.key, e.self_cpu_time_total, e.count) for e in events if not e.is_user_annotation]
+    costs = sorted(((name, us / 1e6, n) for name, us, n in costs if us > 0), key=lambda c: -c[1])
+    table.write_text(events.table(sort_by="self_cuda_time_total" if cuda else "self_cpu_time_total", row_limit=50))
+    by_kind = defaultdict(float)
+    for name, sec, _ in costs:
+        by_kind[kernel_kind(name)] += sec
+    return {
+        "batch_size": config.batch_size,
+        "clock": "GPU kernel time" if cuda else "CPU op self time, all threads",
+        "total_sec": sum(sec for _, sec, _ in costs),
+        "by_kind_sec": dict(sorted(by_kind.items(), key=lambda kv: -kv[1])),
+        "top": [{"name": name[:160], "sec": sec, "count": n} for name, sec, n in costs[:15]],
+        "trace": str(trace),
+        "table": str(table),
+    }

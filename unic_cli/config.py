@@ -27,6 +27,9 @@ from unic_cli.errors import ConfigError
 
 C = TypeVar("C", bound="CommandConfig")
 
+# torch.compile's modes, for --compile-mode (the last two add CUDA graphs)
+COMPILE_MODES: tuple[str, ...] = ("default", "max-autotune-no-cudagraphs", "max-autotune", "reduce-overhead")
+
 
 def _coerce(name: str, annotation: Any, value: Any) -> Any:
     """Convert a TOML/flag value to the annotated field type (Path, tuple, float from int)."""
@@ -229,6 +232,9 @@ class DistillConfig(CommandConfig):
         student_dtype: "auto" (bf16 autocast on CUDA, fp32 on CPU), "bf16" or "fp32": student and ladder compute
             (weights, AdamW and losses stay fp32).
         compile: `torch.compile` each block of the student and teachers, and the ladder (slow first steps).
+        compile_mode: torch.compile's mode with `compile`: "default", "max-autotune-no-cudagraphs" (inductor
+            searches matmul tiles: minutes more compilation on a GPU), "max-autotune" or "reduce-overhead"
+            (both add CUDA graphs).
         fsdp: shard the student, ladder and AdamW state with FSDP2 `fully_shard` instead of DDP (big students).
     """
 
@@ -272,6 +278,7 @@ class DistillConfig(CommandConfig):
     teacher_dtype: str = "auto"
     student_dtype: str = "auto"
     compile: bool = False
+    compile_mode: str = "default"
     fsdp: bool = False
 
     DEFAULT_EPOCHS: ClassVar[int] = 100
@@ -343,6 +350,13 @@ class DistillConfig(CommandConfig):
         for name in ("teacher_dtype", "student_dtype"):
             if getattr(self, name) not in ("auto", "bf16", "fp32"):
                 problems.append(f"--{name.replace('_', '-')} must be auto, bf16 or fp32, got {getattr(self, name)!r}")
+        if self.compile_mode not in COMPILE_MODES:
+            close = difflib.get_close_matches(self.compile_mode, COMPILE_MODES, n=1)
+            hint = f"; did you mean {close[0]!r}?" if close else ""
+            problems.append(f"--compile-mode must be one of {', '.join(COMPILE_MODES)}, got "
+                            f"{self.compile_mode!r}{hint}")
+        elif self.compile_mode != "default" and not self.compile:
+            problems.append(f"--compile-mode {self.compile_mode} needs --compile (nothing is compiled without it)")
         return problems
 
 
@@ -489,6 +503,9 @@ class BenchConfig(DistillConfig):
         warmup: untimed steps first (allocator, autotuning, compilation).
         try_batch_sizes: per-process batch sizes to try in turn (the largest that fits and the fastest are
             reported); empty: `batch_size` only.
+        profile_dir: after timing, one more step at the fastest batch size under torch.profiler: its trace
+            (trace.json, for Perfetto or chrome://tracing), the op table (ops.txt), and the kernel time by
+            kind (matrix products, attention, the rest) in the result.
     """
 
     command: ClassVar[str] = "bench"
@@ -497,6 +514,7 @@ class BenchConfig(DistillConfig):
     steps: int | None = 5
     warmup: int = 2
     try_batch_sizes: tuple[int, ...] = ()
+    profile_dir: Path | None = None
 
     def problems(self) -> list[str]:
         from dataclasses import replace
@@ -507,4 +525,6 @@ class BenchConfig(DistillConfig):
             problems.append(f"--warmup must be >= 0, got {self.warmup}")
         if any(b < 1 for b in self.try_batch_sizes):
             problems.append(f"--try-batch-sizes must all be >= 1, got {list(self.try_batch_sizes)}")
+        if self.profile_dir is not None and self.profile_dir.exists() and not self.profile_dir.is_dir():
+            problems.append(f"--profile {str(self.profile_dir)!r} is a file; give a folder for the trace")
         return problems

@@ -127,7 +127,7 @@ def train_loader(config: DistillConfig, teachers: Sequence[nn.Module], *, rank: 
                               crop_scale=tuple(config.crop_scale))
 
 
-def compile_repeated_blocks(module: nn.Module) -> int:
+def compile_repeated_blocks(module: nn.Module, mode: str = "default") -> int:
     """`torch.compile` each block of every run of identical blocks (a ViT's `blocks`, HF's `layer`, open_clip's
     `resblocks`), in place; returns how many blocks were compiled.
 
@@ -140,23 +140,24 @@ def compile_repeated_blocks(module: nn.Module) -> int:
         if (isinstance(child, (nn.ModuleList, nn.Sequential)) and len(child) >= 2
                 and len({type(block) for block in child}) == 1):
             for block in child:
-                block.compile()
+                block.compile(mode=mode)
             count += len(child)
         else:
-            count += compile_repeated_blocks(child)
+            count += compile_repeated_blocks(child, mode)
     return count
 
 
-def compile_parts(core: DistillModel, teachers: Sequence[nn.Module]) -> None:
-    """`--compile`: the student's and every teacher's blocks one by one, and the ladder as a whole."""
+def compile_parts(core: DistillModel, teachers: Sequence[nn.Module], mode: str = "default") -> None:
+    """`--compile`: the student's and every teacher's blocks one by one, and the ladder as a whole, in
+    torch.compile's `mode` (`--compile-mode`)."""
     from unic_cli.student import uniform_drop_path
 
     uniform_drop_path(core.student.model)
-    compiled = compile_repeated_blocks(core.student.model)
-    core.ladder.compile()
+    compiled = compile_repeated_blocks(core.student.model, mode)
+    core.ladder.compile(mode=mode)
     for teacher in teachers:
-        compiled += compile_repeated_blocks(teacher.backbone)
-    log.info("torch.compile: %d blocks (student and teachers) and the ladder", compiled)
+        compiled += compile_repeated_blocks(teacher.backbone, mode)
+    log.info("torch.compile (mode %s): %d blocks (student and teachers) and the ladder", mode, compiled)
 
 
 def build_model(config: DistillConfig, teachers: Sequence[nn.Module], student: Student, *,

@@ -22,6 +22,9 @@ from unic_cli.distributed import DistInfo, all_reduce_mean_
 from unic_cli.losses import teacher_drop_coefficients, weighted_loss
 
 
+CUDA_GRAPH_MODES = ("max-autotune", "reduce-overhead")  # torch.compile modes that capture CUDA graphs
+
+
 def global_batch_size(config: DistillConfig, world_size: int) -> int:
     return config.batch_size * config.grad_accum_steps * world_size
 
@@ -79,7 +82,7 @@ def build_trainer(config: DistillConfig, device: torch.device, dist: DistInfo, c
     if ckpt is not None and not config.fsdp:
         _load_weights(core, ckpt)
     if config.compile:
-        compile_parts(core, teachers)
+        compile_parts(core, teachers, config.compile_mode)
     model = distributed.wrap(core, device, fsdp=config.fsdp)
     if ckpt is not None and config.fsdp:
         _load_weights(core, ckpt, fsdp=True)
@@ -120,7 +123,10 @@ def forward_backward(tr: Trainer, batches, momentum: float, timer, stop_requeste
     accum = config.grad_accum_steps
     loss_sum = metrics_sum_TM = coeff_sum_T = 0.0
     num_images = num_skipped = 0
+    cuda_graphs = config.compile and config.compile_mode in CUDA_GRAPH_MODES
     for micro in range(accum):
+        if cuda_graphs:  # the previous micro-batch's graph outputs are consumed: their memory may be reused
+            torch.compiler.cudagraph_mark_step_begin()
         batch = next(batches)
         num_skipped += batch.num_skipped
         num_images += len(batch.images_BCHW)

@@ -12,10 +12,10 @@ from click.testing import CliRunner
 from unic_cli.cli import unic
 
 
-def test_bench__json_is_one_parsable_line_with_the_timings():
+def test_bench__json_is_one_parsable_line_with_the_timings_and_profile(tmp_path):
     args = [sys.executable, "-m", "unic_cli", "bench", "--teachers", "timm:test_vit", "timm:test_vit2", "--student",
             "test_vit", "--image-size", "64", "--batch-size", "2", "--steps", "1", "--warmup", "1", "--device", "cpu",
-            "--ladder-hidden", "32", "--teacher-drop-prob", "0.25", "--json"]
+            "--ladder-hidden", "32", "--teacher-drop-prob", "0.25", "--json", "--profile", str(tmp_path / "prof")]
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "2"}
     out = subprocess.run(args, env=env, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-2000:]
@@ -26,12 +26,24 @@ def test_bench__json_is_one_parsable_line_with_the_timings():
                 "achieved_flops_per_sec"):
         assert key in result
     assert set(result["split_sec_per_step"]) == {"teachers", "student", "loss", "backward", "optimizer"}
+    # --profile: one more step, its timeline with the step's parts as ranges, and the op time by kind
+    prof = result["profile"]
+    assert prof["batch_size"] == 2 and prof["total_sec"] > 0
+    assert prof["by_kind_sec"]["matmul"] > 0 and prof["by_kind_sec"]["attention"] > 0
+    assert abs(sum(prof["by_kind_sec"].values()) - prof["total_sec"]) < 1e-6
+    assert any(top["name"] == "aten::addmm" for top in prof["top"])
+    names = {e.get("name") for e in json.loads((tmp_path / "prof" / "trace.json").read_text())["traceEvents"]}
+    assert {"unic_step", "teachers", "student", "loss", "backward", "optimizer"} <= names
+    assert "aten::addmm" in (tmp_path / "prof" / "ops.txt").read_text()
 
 
-def test_bench__bad_flags_are_reported_together_without_traceback():
+def test_bench__bad_flags_are_reported_together_without_traceback(tmp_path):
+    (tmp_path / "a_file").write_text("")
     result = CliRunner().invoke(unic, ["bench", "--teachers", "dinov2_gg", "--batch-size", "0", "--warmup", "-1",
-                                       "--try-batch-sizes", "64,0"])
+                                       "--try-batch-sizes", "64,0", "--compile-mode", "max-autotune",
+                                       "--profile", str(tmp_path / "a_file")])
     assert result.exit_code == 2 and "Traceback" not in result.output, result.output
     for message in ("Did you mean 'dinov2_g'", "--batch-size must be >= 1", "--warmup must be >= 0",
-                    "--try-batch-sizes must all be >= 1"):
+                    "--try-batch-sizes must all be >= 1", "--compile-mode max-autotune needs --compile",
+                    "a_file' is a file; give a folder"):
         assert message in result.output

@@ -18,12 +18,14 @@ from unic_cli.cli import unic
 def test_distill__reports_every_bad_input_at_once(tmp_path):
     args = ["distill", "--teachers", "dinov2_gg", "metaclip_h", "--teacher-drop-prob", "1.5",
             "--data", str(tmp_path / "missing"), "--out", str(tmp_path / "run"), "--steps", "0",
-            "--crop-scale", "0.6", "0.3"]
+            "--crop-scale", "0.6", "0.3", "--compile", "--compile-mode", "max-autotun"]
     result = CliRunner().invoke(unic, args)
     assert result.exit_code == 2, result.output
-    assert "Traceback" not in result.output and "5 problems" in result.output
+    assert "Traceback" not in result.output and "6 problems" in result.output
     for message in ("Did you mean 'dinov2_g'", "--teacher-drop-prob must be in [0, 1), got 1.5",
-                    "missing' does not exist", "--steps must be >= 1", "--crop-scale must be two fractions"):
+                    "missing' does not exist", "--steps must be >= 1", "--crop-scale must be two fractions",
+                    "--compile-mode must be one of default, max-autotune-no-cudagraphs, max-autotune, "
+                    "reduce-overhead, got 'max-autotun'; did you mean 'max-autotune'?"):
         assert message in result.output
     assert not (tmp_path / "run").exists()
 

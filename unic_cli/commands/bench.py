@@ -29,6 +29,8 @@ def _batch_sizes(ctx, param, value: str | None) -> tuple[int, ...] | None:
 @click.option("--warmup", type=int, help="Untimed steps before the timed --steps  [default: 2].")
 @click.option("--try-batch-sizes", callback=_batch_sizes, metavar="N,N,..",
               help="Per-process batch sizes to try in turn; reports the fastest that fits.")
+@click.option("--profile", "profile_dir", type=click.Path(path_type=Path), metavar="DIR",
+              help="Then profile one step: DIR/trace.json (Perfetto), DIR/ops.txt, kernel time by kind.")
 @click.option("--config", "config_file", type=click.Path(dir_okay=False, path_type=Path),
               help="TOML setting any field (e.g. a run's config.toml); flags override it.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON line instead of a table.")
@@ -57,7 +59,8 @@ def bench(more_teachers, teachers, config_file, as_json, **flags) -> None:
 
     from unic_cli.distributed import dist_info
 
-    result = run_bench(config, warmup=config.warmup, batch_sizes=config.try_batch_sizes)
+    result = run_bench(config, warmup=config.warmup, batch_sizes=config.try_batch_sizes,
+                       profile_dir=config.profile_dir)
     if not dist_info().is_main:  # under torchrun the numbers cover all processes; rank 0 prints them
         return
     if as_json:
@@ -90,6 +93,10 @@ def _print_result(r: dict) -> None:
                   + (f", MFU {100 * r['mfu']:.1f}% of {r['bf16_peak_flops'] / 1e12:.0f} TFLOP/s bf16"
                      if r.get("mfu") is not None else ""))
     console.print(f"peak memory: host {gib(r['peak_host_mem_bytes'])}, device {gib(r['peak_device_mem_bytes'])}")
+    if prof := r.get("profile"):
+        kinds = ", ".join(f"{kind} {100 * sec / (prof['total_sec'] or 1):.0f}%" for kind, sec in prof["by_kind_sec"].items())
+        console.print(f"profile of one step ({prof['clock']}, {prof['total_sec']:.3f} s): {kinds}; "
+                      f"trace {prof['trace']}, table {prof['table']}")
     if len(r.get("sweep", [])) > 1:
         console.print("sweep: " + ", ".join(
             f"batch {s['batch_size']}: " + ("out of memory" if s.get("oom") else f"{s['images_per_sec']:.1f} img/s")
