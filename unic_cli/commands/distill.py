@@ -24,7 +24,9 @@ def _help(text: str, field: str | None = None) -> str:
 
 _FLAGS = [
     # (param decls, click kwargs)
-    (("--data", "--data-dir", "data_dir"), dict(metavar="DIR", help="Folder of training images (class subfolders allowed).")),
+    (("--data", "--data-dir", "data_dir"), dict(metavar="PATH", help="Training images: a folder (class subfolders allowed), "
+                                                          "WebDataset .tar shards or a brace pattern, or a saved "
+                                                          "HF dataset / parquet (docs/data.md).")),
     (("--out", "--out-dir", "out_dir"), dict(metavar="RUN_DIR", help=_help("Run folder.", "out_dir"))),
     (("--student",), dict(metavar="NAME", help=_help("timm ViT to train (vit_*, deit3_*, eva02_*, ...).", "student"))),
     (("--image-size",), dict(type=int, help=_help("Student input size in pixels.", "image_size"))),
