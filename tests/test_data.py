@@ -359,14 +359,129 @@ def test_tar_shards__corrupt_member_skipped_and_damaged_shard_partly_used(tmp_pa
     with tarfile.open(shards / "train-002.tar", "w") as tar:
         tar.add(tmp_path / "bad.jpg", arcname="k0.jpg")
     damaged = (shards / "train-001.tar").read_bytes()
-    (shards / "train-001.tar").write_bytes(damaged[:2600])  # inside the second member
+    (shards / "train-001.tar").write_bytes(damaged[:2600])  # inside the first member's data
     with caplog.at_level(logging.WARNING, logger="unic_cli"):
         loader = build_train_loader(shards, image_size=SIZE, batch_size=2, num_workers=0, seed=0)
         batches = _take(loader, loader.steps_per_epoch)
-    assert any("train-001.tar is unreadable" in r.getMessage() for r in caplog.records)
-    assert 4 <= loader.num_images <= 6
-    assert sum(b.num_skipped for b in batches) >= 1  # k0.jpg (and the cut member when indexed)
+    assert any("train-001.tar is unreadable (ReadError: unexpected end of data); skipping it" in r.getMessage()
+               for r in caplog.records)
+    assert loader.num_images == 4  # shard 0's three, and k0.jpg; the cut member is not indexed
+    assert sum(b.num_skipped for b in batches) == 1  # k0.jpg
     assert any("train-002.tar:k0.jpg" in r.getMessage() for r in caplog.records)
+
+
+def _one_shard(tmp_path, num_samples: int = 6):
+    """One shard of `num_samples` (.png, .cls) samples written by Python's tarfile, its members and images."""
+    import tarfile
+
+    _write_folder(tmp_path / "imgs", num_samples, noise=True)
+    shard = _write_shards(tmp_path / "imgs", tmp_path / "shards", 1) / "train-000.tar"
+    with tarfile.open(shard) as tar:
+        members = tar.getmembers()
+    return shard, members, [p for p, _ in list_image_folder(tmp_path / "imgs")]
+
+
+def _cut(shard, size: int) -> None:
+    with open(shard, "r+b") as f:
+        f.truncate(size)
+
+
+# (where the shard is cut, samples kept): members alternate 000000k.png, 000000k.cls
+_CUTS = {
+    "at the header of sample 3": (lambda m: m[6].offset, 3),
+    "inside the header of sample 3": (lambda m: m[6].offset + 100, 3),
+    "inside the image data of sample 3": (lambda m: m[6].offset_data + 10, 3),  # the cut image is not kept
+    "inside the label header of sample 3": (lambda m: m[7].offset + 100, 4),  # its image is whole
+    "before the end-of-archive marker": (lambda m: m[-1].offset_data + 512, 6),
+    "inside the end-of-archive marker": (lambda m: m[-1].offset_data + 512 + 100, 6),
+}
+
+
+@pytest.mark.parametrize("where", list(_CUTS))
+def test_tar_index__cut_shard_warns_with_the_samples_kept(tmp_path, caplog, where) -> None:
+    from unic_cli.data import open_image_source
+
+    shard, members, images = _one_shard(tmp_path)
+    offset, kept = _CUTS[where]
+    _cut(shard, offset(members))
+    with caplog.at_level(logging.WARNING, logger="unic_cli"):
+        source = open_image_source(shard)
+    assert len(source) == kept
+    warnings = [r.getMessage() for r in caplog.records]
+    assert len(warnings) == 1 and f"{shard} is unreadable after {kept} samples" in warnings[0], warnings
+    assert [source.open(i).read() for i in range(kept)] == [p.read_bytes() for p in images[:kept]]
+
+
+def test_tar_index__invalid_header_warns(tmp_path, caplog) -> None:
+    from unic_cli.data import open_image_source
+
+    shard, members, _ = _one_shard(tmp_path)
+    data = bytearray(shard.read_bytes())
+    data[members[4].offset:members[4].offset + 512] = b"x" * 512  # sample 2's header, not a tar header
+    shard.write_bytes(bytes(data))
+    with caplog.at_level(logging.WARNING, logger="unic_cli"):
+        assert len(open_image_source(shard)) == 2
+    assert any(f"after 2 samples (invalid tar header at byte {members[4].offset})" in r.getMessage()
+               for r in caplog.records)
+
+
+@pytest.mark.parametrize("where", ["empty", "inside the first header", "inside the first image"])
+def test_tar_index__no_readable_sample_is_a_data_error(tmp_path, caplog, where) -> None:
+    from unic_cli.data import open_image_source
+
+    shard, members, _ = _one_shard(tmp_path)
+    _cut(shard, {"empty": 0, "inside the first header": 100}.get(where, members[0].offset_data + 10))
+    with pytest.raises(DataError, match=f"No readable sample in the tar shard.*: {shard} is damaged \\(") as info:
+        open_image_source(shard)
+    # the error says it all: no warning besides it (other tests may leave INFO logging on)
+    assert info.value.exit_code == 2 and not [r for r in caplog.records if r.levelno >= logging.WARNING]
+
+
+def _write_with(writer: str, shard, images) -> None:
+    """A well-formed shard of `images` (and a label each) from one tar writer; long names need extension headers."""
+    import tarfile
+
+    long_dir = "d" * 120 + "/"  # past ustar's 100-character name field
+    if writer == "gnu tar":
+        import shutil
+        import subprocess
+
+        if shutil.which("tar") is None:
+            pytest.skip("no tar executable")
+        staged = shard.parent / "staged"
+        for i, path in enumerate(images):
+            (staged / long_dir).mkdir(parents=True, exist_ok=True)
+            (staged / long_dir / f"{i:04d}.png").write_bytes(path.read_bytes())
+            (staged / long_dir / f"{i:04d}.cls").write_text("0")
+        subprocess.run(["tar", "--sort=name", "-cf", str(shard), "-C", str(staged), long_dir], check=True)
+    elif writer == "webdataset":
+        wds = pytest.importorskip("webdataset")
+        with wds.TarWriter(str(shard)) as sink:
+            for i, path in enumerate(images):
+                sink.write({"__key__": f"{long_dir}{i:04d}", "png": path.read_bytes(), "cls": 0})
+    else:
+        fmt = {"ustar": tarfile.USTAR_FORMAT, "gnu": tarfile.GNU_FORMAT, "pax": tarfile.PAX_FORMAT}[writer]
+        with tarfile.open(shard, "w", format=fmt) as tar:
+            for i, path in enumerate(images):
+                prefix = "" if writer == "ustar" else long_dir
+                tar.add(path, arcname=f"{prefix}{i:04d}.png")
+                tar.add(path, arcname=f"{prefix}{i:04d}.cls")
+
+
+@pytest.mark.parametrize("writer", ["ustar", "gnu", "pax", "gnu tar", "webdataset"])
+def test_tar_index__well_formed_shards_do_not_warn(tmp_path, caplog, writer) -> None:
+    from unic_cli.data import open_image_source
+
+    images = [p for p, _ in list_image_folder(_write_folder(tmp_path / "imgs", 5, classes=(), noise=True))]
+    shard = tmp_path / "train-000.tar"
+    _write_with(writer, shard, images)
+    with caplog.at_level(logging.WARNING, logger="unic_cli"):
+        source = open_image_source(shard)
+        assert len(source) == 5
+        _cut(shard, shard.stat().st_size // 10240 * 10240 - 1)  # one byte of record padding: still complete
+        assert len(open_image_source(shard)) == 5
+    assert not caplog.records, [r.getMessage() for r in caplog.records]
+    assert [source.open(i).read() for i in range(5)] == [p.read_bytes() for p in images]
 
 
 def test_tar_shards__missing_pattern_member_is_a_data_error(tmp_path) -> None:

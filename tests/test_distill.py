@@ -115,17 +115,25 @@ def test_run__nonfinite_loss_names_step_and_checkpoint_or_is_skipped(tiny_teache
 
 
 def test_run__refuses_to_clobber_a_run_without_overwrite(tiny_teachers, tiny_images, tmp_path):
-    from unic_cli.errors import ConfigError
+    from dataclasses import replace
 
-    from unic_cli.distill import _prepare_run_dir
+    from unic_cli.errors import ConfigError, UnicError
 
-    config = _config(tiny_teachers, tiny_images, tmp_path / "r", steps=1, batch_size=4)
+    config = _config(tiny_teachers, tiny_images, tmp_path / "r", steps=2, batch_size=4, checkpoint_every=1,
+                     keep_checkpoints=0)
     run(config)
-    assert torch.load(tmp_path / "r" / "checkpoints" / "last.pt", weights_only=True)["step"] == 1
+    assert sorted(p.name for p in (tmp_path / "r" / "checkpoints").iterdir()) == [
+        "last.pt", "step_0000001.pt", "step_0000002.pt"]
     with pytest.raises(ConfigError, match="already holds a run"):
         run(config)
-    _prepare_run_dir(config, resume=False, overwrite=True)
-    assert not list((tmp_path / "r").glob("*.*")) and not list((tmp_path / "r" / "checkpoints").iterdir())
+    # --overwrite replaces the run only once the new one is built: a mistake in it costs nothing
+    with pytest.raises(UnicError, match="test_vitt"):
+        run(replace(config, teachers=("timm:test_vitt",)), overwrite=True)
+    assert len(list((tmp_path / "r" / "checkpoints").iterdir())) == 3 and (tmp_path / "r" / "metrics.jsonl").exists()
+    (tmp_path / "r" / "checkpoints" / ".step_0000003.pt.tmp999").write_bytes(b"half a checkpoint")  # a kill -9
+    run(replace(config, steps=1), overwrite=True)
+    assert sorted(p.name for p in (tmp_path / "r" / "checkpoints").iterdir()) == ["last.pt", "step_0000001.pt"]
+    assert len((tmp_path / "r" / "metrics.jsonl").read_text().splitlines()) == 1
 
 
 def test_run__data_errors_come_before_any_teacher_loads(tmp_path):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import subprocess
 import sys
 
@@ -170,6 +171,138 @@ def test_export_student__provenance_and_model_card(tmp_path, make_unic_checkpoin
     card = (out / "README.md").read_text()
     assert "NON-COMMERCIAL" in card and 'timm.create_model("local-dir:' in card and "AutoModel" in card
     assert "| student | knn | 0.8125 |" in card and "| tiny_nc | timm | test_vit | cc-by-nc-4.0 |" in card
+    assert "## Probe report (measured on the run's exports)" in card and "exports (student)" in card
+    assert "https://arxiv.org/abs/2408.17064" in card and "2407.21064" not in card  # the UNIC paper
+
+
+def _set_schedule(ckpt_path, *, step: int, total_steps: int):
+    """Rewrite a hand-made checkpoint's step and scheduler as `unic distill` records them."""
+    ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=True)
+    ckpt["step"], ckpt["scheduler"] = step, {"step": step, "total_steps": total_steps}
+    torch.save(ckpt, ckpt_path)
+    return ckpt_path
+
+
+@pytest.mark.parametrize("student", ["test_vit", "test_vit2", "test_vit3"])  # cls / avg + fc_norm / map pooling
+def test_export_student__pooled_output_is_the_distilled_summary(tmp_path, make_unic_checkpoint, student):
+    import timm
+    from transformers import AutoModel
+
+    ckpt_path = make_unic_checkpoint(student=student, image_size=32, blocks=(1,))
+    out = export_student(ckpt_path, tmp_path / "student")
+    trained, ckpt = _checkpoint_student(ckpt_path)
+    images = _images(32, n=4)
+    summary_BD, _ = load_student(out).encode(images)
+    x = trained.normalize(images)
+    hf_model, loading = AutoModel.from_pretrained(str(out), output_loading_info=True)
+    plain = timm.create_model(f"local-dir:{out}", pretrained=True).eval()
+    card = (out / "README.md").read_text()
+    call = card[card.index("plain = timm.create_model("):].split("\n```")[0].replace("PATH/TO/THIS/FOLDER", str(out))
+    namespace = {"timm": timm}
+    exec(call, namespace)  # the model card's plain-timm line, as written
+    with torch.no_grad():
+        [(train_summary_BD, _)] = trained(x, blocks=[trained.num_blocks - 1])  # what distillation trained
+        untouched = export_mod.build_encoder(ckpt["student"])(x)  # the student's own pooling, as built
+        pooled = {"timm": plain(x), "hf": hf_model.eval()(pixel_values=x).pooler_output,
+                  "card": namespace["plain"].eval()(x)}
+    assert (summary_BD - train_summary_BD).abs().max() < 1e-6
+    for name, pooled_BD in pooled.items():
+        assert (pooled_BD - summary_BD).abs().max() < 1e-6, name
+    assert not any(loading.values()), loading  # transformers loaded every tensor, nothing missing or unexpected
+    if student != "test_vit":  # the untrained fc_norm / attention pool would give something else
+        assert (untouched - summary_BD).abs().max() > 1e-2
+
+    dropped = {"test_vit": [], "test_vit2": ["fc_norm"], "test_vit3": ["attn_pool"]}[student]
+    with safe_open(out / "model.safetensors", framework="pt") as f:
+        keys = set(f.keys())
+    assert keys == {k for k in ckpt["student"]["state_dict"] if k.split(".")[0] not in dropped}
+    info = json.loads((out / "unic.json").read_text())
+    assert info["student"]["untrained_modules_dropped"] == dropped
+    assert info["verification"]["pooled_max_abs_diff"] <= 1e-5
+    args = json.loads((out / "config.json").read_text())["model_args"]
+    assert args["global_pool"] == ("token" if student == "test_vit" else "avg") and args["fc_norm"] is False
+    assert args.get("final_norm", True) is (student != "test_vit2")  # test_vit2's taps skip a norm: none exported
+
+
+def test_export_student__plain_timm_without_model_args_resamples(tmp_path, make_unic_checkpoint):
+    """Why the card and docs/export.md spell out model_args: without img_size timm silently resamples pos_embed."""
+    import timm
+
+    out = export_student(make_unic_checkpoint(image_size=32, blocks=(1,)), tmp_path / "student")
+    config = json.loads((out / "config.json").read_text())
+    overlay = dict(config["pretrained_cfg"], file=str(out / "model.safetensors"))
+    bare = timm.create_model("test_vit", pretrained=True, num_classes=0, pretrained_cfg_overlay=overlay)
+    exact = timm.create_model(config["architecture"], pretrained=True, num_classes=0, **config["model_args"],
+                              pretrained_cfg_overlay=overlay)  # the recipe of docs/export.md "Loading it"
+    assert bare.pos_embed.shape != exact.pos_embed.shape  # loaded without an error all the same
+    student = load_student(out)
+    x = student.preprocess(_images(32))
+    with torch.no_grad():
+        assert (exact.eval()(x) - student.encode(x)[0]).abs().max() < 1e-6
+
+
+def test_export_student__unfinished_run_warns_and_says_so(tmp_path, make_unic_checkpoint, monkeypatch, caplog):
+    monkeypatch.setattr(logging.getLogger("unic_cli"), "propagate", True)  # the CLI turns it off for rich
+    caplog.set_level(logging.INFO, logger="unic_cli")
+    ckpt_path = _set_schedule(make_unic_checkpoint(), step=30, total_steps=400)
+    out = export_student(ckpt_path, tmp_path / "early")
+    # one warning (the CLI test checks it is printed once; here an earlier in-process CLI test may have added a
+    # second handler that captures the same record again)
+    warnings = {r.getMessage() for r in caplog.records if r.levelno == logging.WARNING}
+    assert len(warnings) == 1 and "at step 30 of 400: the run has not finished" in next(iter(warnings))
+    assert "\n" not in next(iter(warnings))
+    info = json.loads((out / "unic.json").read_text())
+    assert (info["step"], info["total_steps"], info["finished"]) == (30, 400, False)
+    assert "step 30 of 400 (unfinished run)." in (out / "README.md").read_text()
+
+    caplog.clear()
+    out = export_student(_set_schedule(ckpt_path, step=400, total_steps=400), tmp_path / "final")
+    assert not [r for r in caplog.records if r.levelno >= logging.WARNING]
+    info = json.loads((out / "unic.json").read_text())
+    assert (info["total_steps"], info["finished"]) == (400, True)
+    card = (out / "README.md").read_text()
+    assert "step 400 of 400." in card and "unfinished" not in card
+
+
+def _probe_report(entries):
+    """A probe.json in unic probe's format: entries = [(model, kind, model entry extras, top1)]."""
+    from unic_cli.probe import report as report_lib
+
+    report = report_lib.empty_report()
+    report["tasks"]["knn/hs"] = {"task": "knn", "data": "/data/hs", "split": "val", "primary": "top1_k20",
+                                 "higher_is_better": True}
+    for model, kind, extra, top1 in entries:
+        report["models"][model] = {"kind": kind, **extra}
+        report["results"][model] = {"knn/hs": {"top1_k20": top1}}
+    report["rows"] = report_lib.flat_rows(report)
+    return report
+
+
+def test_export_student__card_keeps_only_this_exports_probe_rows(tmp_path, make_unic_checkpoint):
+    ckpt_path = make_unic_checkpoint()
+    run = ckpt_path.parent.parent
+    sha = export_mod._sha256(ckpt_path)
+    (run / "probe.json").write_text(json.dumps(_probe_report([
+        ("students/step6", "student", {"source_checkpoint": {"sha256": "0" * 64}}, 0.5),
+        ("students/last", "student", {"source_checkpoint": {"sha256": sha}}, 0.625),
+        ("tiny_a", "teacher", {}, 0.75),
+        ("students/last (random init)", "baseline", {"random_init_of": "student", "seed": 0}, 0.25),
+    ])))
+    card = (export_student(run, tmp_path / "student") / "README.md").read_text()
+    section = card[card.index("## Probe report"):card.index("## Provenance")]
+    assert "| students/last | student | knn | hs | val | top1_k20 | 0.625 |" in section
+    assert "| tiny_a | teacher |" in section and "| students/step6 |" not in section
+    assert "Measured on this export (probed as students/last; its source checkpoint sha256 matches)" in section
+    assert "Left out: results of other exports or steps (students/step6); random-init baselines " \
+           "(students/last (random init))." in section and "| baseline |" not in section
+
+    # a probe.json that does not say which checkpoint a student came from: every row, clearly labelled
+    (run / "probe.json").write_text(json.dumps(_probe_report([
+        ("students/step6", "student", {}, 0.5), ("tiny_a", "teacher", {}, 0.75)])))
+    card = (export_student(run, tmp_path / "student", overwrite=True) / "README.md").read_text()
+    assert "## Probe report (measured on the run's exports)" in card
+    assert "the run's exports (students/step6), not necessarily on this checkpoint" in card
+    assert "| students/step6 | student |" in card
 
 
 def test_licence_summary__commercial_teachers_only():
@@ -315,6 +448,11 @@ def test_export_student__real_run_round_trips_through_timm_and_transformers(real
     with safe_open(out / "model.safetensors", framework="pt") as f:
         assert sorted(f.keys()) == sorted(trained.model.state_dict())
     assert (out / "model.safetensors").stat().st_size < (run_dir / "checkpoints" / "last.pt").stat().st_size
+    assert json.loads((out / "unic.json").read_text())["finished"] is True
+    early = export_student(run_dir / "checkpoints" / "step_0000020.pt", out.parent / "early")
+    info = json.loads((early / "unic.json").read_text())
+    assert (info["step"], info["total_steps"], info["finished"]) == (20, 40, False)
+    assert "step 20 of 40 (unfinished run)" in (early / "README.md").read_text()
 
 
 # about 8 s on 2 idle cores (a 40-step distillation on the real hymenoptera images)

@@ -373,13 +373,14 @@ class ProbeConfig(CommandConfig):
         tasks: any of knn, linear, zeroshot (class folders), or seg, depth (images/ + masks/ or depth/).
         data_dir: holds train/ and val/ or test/.
         out_dir: where probe.json, probe.md and probe.png go (default: RUN_DIR/probe with --run, else ./probe).
-        run_dir: a `unic distill` run folder; results are merged into RUN_DIR/probe.json for the model card.
+        run_dir: a `unic distill` run folder (config.toml, checkpoints/); results are merged into
+            RUN_DIR/probe.json for the model card.
         cache_dir: the feature cache (default: OUT/cache).
         eval_split: `val` or `test` (default: test when present, else val).
         dense_image_size: the square input side for seg and depth (rounded to each ViT's patch size).
         dense_layers: seg and depth heads read the last N feature levels concatenated (a ViT's last N blocks, a
             ConvNet's last N stages on a stride-16 grid); 1 reads the model's output tokens. timm models only.
-        random_init: random weights instead of pretrained ones (a baseline).
+        random_init: random weights instead of pretrained ones (a baseline, reported as `MODEL (random init)`).
         concat_patch_mean: linear probe on [summary, mean patch token] instead of the summary alone.
         ignore_index: mask value left out of seg training and scores (CamVid: 11).
         num_classes: seg classes (default: the largest mask value below ignore_index, plus one).
@@ -454,6 +455,11 @@ class ProbeConfig(CommandConfig):
             problems.append(f"--data {str(self.data_dir)!r} {what}; give a folder with train/ and val/ or test/")
         if self.run_dir is not None and not self.run_dir.is_dir():
             problems.append(f"--run {str(self.run_dir)!r} is not a folder; give a `unic distill` run folder")
+        elif self.run_dir is not None and not ((self.run_dir / "config.toml").is_file()
+                                               and (self.run_dir / "checkpoints").is_dir()):
+            problems.append(f"--run {str(self.run_dir)!r} is not a `unic distill` run folder (it needs config.toml "
+                            "and checkpoints/); give the run the student was exported from, or use --out DIR to "
+                            "only choose where the reports go")
         for name in ("out_dir", "cache_dir"):
             path = getattr(self, name)
             if path is not None and path.exists() and not path.is_dir():

@@ -215,7 +215,7 @@ def run_demo(config: DemoConfig, *, hooks=None, progress=None) -> DemoResult:
     from unic_cli.distill import run as run_distill
     from unic_cli.export import export_student
     from unic_cli.probe import run_probe
-    from unic_cli.probe.report import score
+    from unic_cli.probe.report import random_init_name, score
 
     seconds: dict[str, float] = {}
     start = time.perf_counter()
@@ -263,7 +263,7 @@ def run_demo(config: DemoConfig, *, hooks=None, progress=None) -> DemoResult:
     rows = [{"name": f"student ({DEMO_DISTILL['student']}, distilled)", "kind": "student",
              "scores": {key: score(merged, models[0], key) for key in tasks}},
             {"name": f"student ({DEMO_DISTILL['student']}, random init)", "kind": "baseline",
-             "scores": {key: score(baseline, models[0], key) for key in tasks}}]
+             "scores": {key: score(baseline, random_init_name(models[0]), key) for key in tasks}}]
     for spec in DEMO_TEACHERS:
         alias, _, size = spec.partition("?image_size=")
         rows.append({"name": f"{alias} ({size} px)", "kind": "teacher",

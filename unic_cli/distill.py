@@ -17,11 +17,13 @@ writes the run folder. The step itself (`build_trainer`, `forward_backward`, `op
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import logging
 import math
 import os
 import signal
+import socket
 import threading
 import time
 from dataclasses import dataclass, field
@@ -45,6 +47,8 @@ log = logging.getLogger("unic_cli")
 # The batch may be split differently (processes x batch size x accumulation); the global batch must stay.
 _FIXED_ON_RESUME = ("teachers", "student", "image_size", "shared_heads", "ladder_blocks", "ladder_hidden",
                     "ladder_last_hidden", "standardize", "seed")
+# --skip-nonfinite gives up after this many non-finite steps in a row: the run has diverged, not hiccuped.
+MAX_CONSECUTIVE_SKIPS = 20
 _RUN_FILES = ("config.toml", "metrics.jsonl", "run.json", "losses.png", "teacher_coefficients.png")
 
 
@@ -106,13 +110,60 @@ class _StopRequest:
             signal.signal(sig, old)
 
 
-def _prepare_run_dir(config: DistillConfig, *, resume: bool, overwrite: bool, world_size: int = 1) -> dict | None:
-    """Create the run folder; return the checkpoint to resume from, refusing to clobber an earlier run."""
+class _RunLock:
+    """An exclusive lock on a run folder (`RUN/.lock`, flock: released by the kernel if the process dies), so a
+    second `unic distill` on the same --out (a `--resume` while the run still trains) is refused."""
+
+    def __init__(self, run_dir: Path) -> None:
+        self.path = run_dir / ".lock"
+        self.fd: int | None = None
+
+    def __enter__(self):
+        try:
+            import fcntl
+        except ImportError:  # no flock on this platform: run unlocked
+            return self
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 200, 0).decode(errors="replace").strip() or "another process"
+            os.close(fd)
+            raise ConfigError(f"run folder {str(self.path.parent)!r} is in use by {holder}; wait for it to end, "
+                              "or choose another --out") from None
+        except OSError as err:  # a filesystem without locks (some network mounts): run unlocked
+            log.debug("cannot lock %s (%s): running without a lock", self.path, err)
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"pid {os.getpid()} on {socket.gethostname()}\n".encode(), 0)
+        self.fd = fd
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.fd is not None:
+            self.path.unlink(missing_ok=True)
+            os.close(self.fd)
+            self.fd = None
+
+
+def _run_started(run_dir: Path) -> bool:
+    """Whether `run_dir` holds a run that reached a step: a checkpoint or a logged step. A lone config.toml or
+    run.json is what a start that failed (bad teacher, bad data) leaves behind, and is simply replaced."""
+    folder = run_dir / "checkpoints"
+    has_ckpt = folder.is_dir() and any(folder.glob("*.pt"))
+    metrics = run_dir / "metrics.jsonl"
+    return has_ckpt or (metrics.is_file() and metrics.stat().st_size > 0)
+
+
+def _prepare_run_dir(config: DistillConfig, *, resume: bool, overwrite: bool,
+                     world_size: int = 1) -> tuple[dict | None, list[Path]]:
+    """Check the run folder: (the checkpoint to resume from, or None; the earlier run's files to delete).
+
+    Nothing is deleted here: `_clear_run_files` runs once the new run's data, teachers and student are built,
+    so a mistake in the new command (a teacher typo, an empty folder) never costs the earlier run.
+    """
     run_dir = config.out_dir
     if resume:
-        ckpt = load_checkpoint(run_dir) if find_checkpoint(run_dir) else None
-        if ckpt is None:
-            raise ConfigError(f"--resume: no checkpoint in {str(run_dir / 'checkpoints')!r}; drop --resume to start")
+        ckpt = _load_resume_checkpoint(run_dir)
         saved = DistillConfig.from_dict(ckpt["config"])
         problems = [f"--resume: {k} was {getattr(saved, k)!r}, now {getattr(config, k)!r}; a resumed run must keep "
                     f"it" for k in _FIXED_ON_RESUME if getattr(saved, k) != getattr(config, k)]
@@ -122,22 +173,71 @@ def _prepare_run_dir(config: DistillConfig, *, resume: bool, overwrite: bool, wo
             problems.append(f"--resume: the global batch was {saved_global} images, now {config.batch_size} x "
                             f"{config.grad_accum_steps} accumulation x {world_size} process(es) = "
                             f"{global_batch_size(config, world_size)}; keep it, e.g. --batch-size {per_process}")
+        if config.steps is not None and config.steps < ckpt["step"]:
+            problems.append(f"--resume: --steps {config.steps} is below the checkpoint's step {ckpt['step']}; "
+                            f"give --steps {ckpt['step']} or more")
         if problems:
             raise ConfigError(problems)
+        return ckpt, []
+    if _run_started(run_dir) and not overwrite:
+        raise ConfigError(f"run folder {str(run_dir)!r} already holds a run (checkpoints or metrics.jsonl); pass "
+                          "--resume to continue it, --overwrite to replace it, or choose another --out")
+    return None, [*(run_dir / p for p in (*_RUN_FILES, "checkpoints") if (run_dir / p).exists()),
+                  *run_dir.glob("config.until_step_*.toml")]
+
+
+def _load_resume_checkpoint(run_dir: Path) -> dict:
+    """The newest readable checkpoint of `run_dir`: a damaged `last.pt` (a disk that filled up, a copy cut short)
+    falls back to the newest readable `step_*.pt`, with a warning naming both."""
+    from unic_cli.errors import CheckpointError
+
+    if find_checkpoint(run_dir) is None:
+        raise ConfigError(f"--resume: no checkpoint in {str(run_dir / 'checkpoints')!r}; drop --resume to start")
+    try:
+        return load_checkpoint(run_dir)
+    except CheckpointError as err:
+        damaged = err
+    for path in sorted((run_dir / "checkpoints").glob("step_*.pt"), reverse=True):
+        try:
+            ckpt = load_checkpoint(path)
+        except CheckpointError:
+            continue
+        log.warning("%s; resuming from %s (step %d), the newest readable checkpoint", damaged, path, ckpt["step"])
         return ckpt
-    used = [p for p in (*_RUN_FILES, "checkpoints") if (run_dir / p).exists()]
-    if used and not overwrite:
-        raise ConfigError(f"run folder {str(run_dir)!r} already holds a run ({', '.join(used)}); pass --resume to "
-                          "continue it, --overwrite to replace it, or choose another --out")
-    for name in used:
-        path = run_dir / name
+    raise damaged
+
+
+def _clear_run_files(paths: list[Path]) -> None:
+    """--overwrite: delete the earlier run (its checkpoints, half-written temporaries included, and its logs)."""
+    for path in paths:
         if path.is_dir():
-            for f in path.glob("*.pt"):
-                f.unlink()
+            for f in (*path.glob("*.pt"), *path.glob(".*.tmp*")):
+                f.unlink(missing_ok=True)
         else:
-            path.unlink()
-    run_dir.mkdir(parents=True, exist_ok=True)
-    return None
+            path.unlink(missing_ok=True)
+
+
+def _config_changes(saved: DistillConfig, config: DistillConfig) -> dict[str, tuple]:
+    """Fields a resumed run changed (out_dir aside): they apply from the checkpoint's step on."""
+    old, new = saved.to_dict(), config.to_dict()
+    return {k: (old.get(k), v) for k, v in new.items() if k != "out_dir" and old.get(k) != v}
+
+
+def _trim_metrics(path: Path, step: int) -> None:
+    """On resume, drop metrics.jsonl lines logged after the checkpoint (about to be redone), and lines that do
+    not parse (a write cut short by a crash or a full disk), with a warning."""
+    kept, bad = [], 0
+    for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
+        if not line.strip():
+            continue
+        try:
+            if json.loads(line)["step"] <= step:
+                kept.append(line)
+        except (ValueError, KeyError, TypeError):
+            bad += 1
+    if bad:
+        log.warning("%s: dropped %d unreadable line(s)", path, bad)
+    _write_text_atomic(path, "".join(f"{ln}\n" for ln in kept))
 
 
 def _write_text_atomic(path: Path, text: str) -> None:
@@ -181,55 +281,83 @@ def run(config: DistillConfig, *, resume: bool = False, overwrite: bool = False,
 
 
 def _run(config, dist, device, *, resume, overwrite, hooks, timer) -> RunResult:
+    # config.toml and checkpoints keep an absolute data path: `--resume` or `--config RUN/config.toml` then work
+    # from any working directory (a requeued job, a new shell)
+    config = dataclasses.replace(config, data_dir=Path(os.path.abspath(config.data_dir)))
+    run_dir = config.out_dir
+    with contextlib.ExitStack() as stack:
+        problems = None
+        if dist.is_main:  # one process decides about the run folder; the others follow its verdict
+            try:
+                try:
+                    run_dir.mkdir(parents=True, exist_ok=True)
+                except OSError as err:
+                    raise ConfigError(f"cannot create --out {str(run_dir)!r}: {err.strerror or err}") from None
+                stack.enter_context(_RunLock(run_dir))
+                ckpt, earlier_run = _prepare_run_dir(config, resume=resume, overwrite=overwrite,
+                                                     world_size=dist.world_size)
+            except ConfigError as err:
+                problems = err.problems
+                raise
+            finally:
+                distributed.broadcast_object(problems)
+        elif (problems := distributed.broadcast_object(None)) is not None:
+            raise ConfigError(problems)
+        else:
+            ckpt, earlier_run = (_load_resume_checkpoint(run_dir) if resume else None), []
+        return _train(config, dist, device, ckpt, earlier_run, hooks=hooks, timer=timer)
+
+
+def _train(config, dist, device, ckpt, earlier_run, *, hooks, timer) -> RunResult:
     from unic_cli.data import open_train_source
+    from unic_cli.errors import DataError
     from unic_cli.plan import describe, ladder_meta, train_loader
     from unic_cli.plots import plot_run
 
     hooks = hooks if hooks is not None and dist.is_main else DistillHooks()
     timer = timer or (lambda name: contextlib.nullcontext())
     run_dir = config.out_dir
-    problems, ckpt = None, None
-    if dist.is_main:  # one process decides about the run folder; the others follow its verdict
-        try:
-            ckpt = _prepare_run_dir(config, resume=resume, overwrite=overwrite, world_size=dist.world_size)
-            _write_text_atomic(run_dir / "config.toml", config.to_toml())
-        except ConfigError as err:
-            problems = err.problems
-            raise
-        finally:
-            distributed.broadcast_object(problems)
-    elif (problems := distributed.broadcast_object(None)) is not None:
-        raise ConfigError(problems)
-    elif resume:
-        ckpt = load_checkpoint(run_dir)
-
     # the data first: an empty or too small folder is reported before any teacher is downloaded or built
     source = open_train_source(config.data_dir, batch_size=config.batch_size, world_size=dist.world_size)
     tr = build_trainer(config, device, dist, ckpt)
     loader = train_loader(config, tr.teachers, rank=dist.rank, world_size=dist.world_size, source=source)
     num_steps, steps_per_epoch = total_steps(config, loader.steps_per_epoch)
     info = describe(config, tr.core, tr.teachers)
-    if dist.is_main:
-        _write_text_atomic(run_dir / "run.json", json.dumps({**info, "total_steps": num_steps}, indent=2) + "\n")
     global_batch = global_batch_size(config, dist.world_size)
     peak_lr, fsdp = tr.peak_lr, config.fsdp
     warmup = config.warmup_steps if config.warmup_steps is not None else default_warmup_steps(num_steps)
 
     start_step, last_ckpt, metrics_path = 0, None, run_dir / "metrics.jsonl"
+    last_metrics: dict = {}
+    counters = {"skipped_images": 0, "skipped_steps": 0}
     if ckpt is not None:
         restore_rng_states(ckpt["rng"], tr.generator)
         if dist.rank > 0:  # rank 0's saved stream, re-seeded per rank: stochastic depth must differ by rank
             torch.manual_seed(config.seed + dist.rank + 7919 * ckpt["step"])
         loader.load_state_dict(ckpt["data"])
         start_step, last_ckpt = ckpt["step"], Path(ckpt["path"])
-        if dist.is_main and metrics_path.exists():  # drop lines logged after the checkpoint: about to be redone
-            lines = metrics_path.read_text().splitlines()
-            kept = [ln for ln in lines if ln.strip() and json.loads(ln)["step"] <= start_step]
-            _write_text_atomic(metrics_path, "".join(f"{ln}\n" for ln in kept))
+        last_metrics = ckpt.get("last_metrics") or {}
+        counters.update(ckpt.get("counters") or {})
+        if start_step >= num_steps:
+            log.info("%s already finished at step %d/%d (loss %s); nothing to do", run_dir, start_step, num_steps,
+                     last_metrics.get("loss"))
+            return RunResult(run_dir, start_step, num_steps, "done", last_ckpt, last_metrics)
+        if dist.is_main:
+            if changes := _config_changes(DistillConfig.from_dict(ckpt["config"]), config):
+                kept = run_dir / f"config.until_step_{start_step:07d}.toml"
+                _write_text_atomic(kept, DistillConfig.from_dict(ckpt["config"]).to_toml())
+                log.warning("changed on resume, from step %d on: %s (the earlier settings: %s)", start_step,
+                            ", ".join(f"{k} {a!r} -> {b!r}" for k, (a, b) in changes.items()), kept)
+            if metrics_path.exists():
+                _trim_metrics(metrics_path, start_step)
         log.info("resuming %s at step %d/%d on %d process(es)", run_dir, start_step, num_steps, dist.world_size)
         del ckpt  # free the host copy of the weights
+    if dist.is_main:  # everything is built: only now may an earlier run (--overwrite) go
+        _clear_run_files(earlier_run)
+        _write_text_atomic(run_dir / "config.toml", config.to_toml())
+        _write_text_atomic(run_dir / "run.json", json.dumps({**info, "total_steps": num_steps}, indent=2) + "\n")
 
-    def checkpoint(step: int, last_metrics: dict) -> Path | None:
+    def checkpoint(step: int, last_metrics: dict, data_state: dict | None = None) -> Path | None:
         # With FSDP every rank takes part in gathering the full tensors; rank 0 writes.
         core = tr.core
         student_state = distributed.full_state_dict(core.student.model, fsdp)
@@ -250,7 +378,8 @@ def _run(config, dist, device, *, resume, overwrite, hooks, timer) -> RunResult:
             "optimizer": optimizer_state,
             "scheduler": {"step": step, "total_steps": num_steps, "peak_lr": peak_lr, "warmup_steps": warmup,
                           "global_batch": global_batch, "world_size": dist.world_size},
-            "rng": rng_states(tr.generator), "data": loader.state_dict(), "last_metrics": last_metrics,
+            "rng": rng_states(tr.generator), "data": data_state or loader.state_dict(), "last_metrics": last_metrics,
+            "counters": dict(counters),
         }
         path = save_checkpoint(payload, run_dir, keep=config.keep_checkpoints)
         hooks.on_checkpoint(path)
@@ -261,9 +390,8 @@ def _run(config, dist, device, *, resume, overwrite, hooks, timer) -> RunResult:
     log.info("distilling %d teacher(s) into %s: %d steps of %d images (%d process(es)), peak lr %.2e, on %s",
              len(tr.teachers), config.student, num_steps, global_batch, dist.world_size, peak_lr, device)
     tr.model.train()
-    last_metrics: dict = {}
     window = {"t0": time.perf_counter(), "images": 0}
-    skipped_images = skipped_steps = 0
+    consecutive_skips = 0
     step = start_step
     stopping = False
     with _StopRequest() as stop:
@@ -274,8 +402,17 @@ def _run(config, dist, device, *, resume, overwrite, hooks, timer) -> RunResult:
             for group in tr.optimizer.param_groups:
                 group["lr"] = lr
             tr.optimizer.zero_grad(set_to_none=True)
-            stats = forward_backward(tr, batches, momentum, timer, stop.signal_name is not None)
-            skipped_images += stats.num_skipped
+            data_state = loader.state_dict()  # this step boundary, for a checkpoint if the data fails mid-step
+            try:
+                # the stop flag is read after the micro-batches: a signal during this step stops after it
+                stats = forward_backward(tr, batches, momentum, timer, lambda: stop.signal_name is not None)
+            except DataError as err:  # e.g. the data vanished mid-run (a mount lost): keep what was trained
+                if dist.world_size > 1 or step == start_step:
+                    raise
+                path = checkpoint(step, last_metrics, data_state)
+                raise DataError(f"{err}; the run was saved at step {step} ({path}): fix the data and continue "
+                                "with --resume") from None
+            counters["skipped_images"] += stats.num_skipped
             window["images"] += stats.num_images * dist.world_size
             # The one per-step host sync: a non-finite loss must never reach the weights.
             loss_value, stop_votes = torch.stack([stats.loss, stats.stop]).tolist()
@@ -283,14 +420,20 @@ def _run(config, dist, device, *, resume, overwrite, hooks, timer) -> RunResult:
             if stopping and stop.signal_name is None:
                 stop.signal_name = "SIGTERM"  # another process was signalled: stop at the same step
             if not math.isfinite(loss_value):
+                where = f"last good checkpoint: {last_ckpt}" if last_ckpt else "no checkpoint was written yet"
                 if not config.skip_nonfinite:
-                    where = f"last good checkpoint: {last_ckpt}" if last_ckpt else "no checkpoint was written yet"
                     raise TrainingError(f"loss is {loss_value} at step {step + 1}; {where}. Lower --base-lr, "
-                                        "set grad_clip, or pass --skip-nonfinite to skip such steps.")
+                                        "set --grad-clip, or pass --skip-nonfinite to skip such steps.")
+                consecutive_skips += 1
+                if consecutive_skips >= MAX_CONSECUTIVE_SKIPS:
+                    raise TrainingError(f"loss is non-finite at {consecutive_skips} steps in a row (steps "
+                                        f"{step + 2 - consecutive_skips}-{step + 1}): the run has diverged; {where}. "
+                                        "Lower --base-lr or set --grad-clip.")
                 log.warning("loss is %s at step %d: step skipped", loss_value, step + 1)
-                skipped_steps += 1
+                counters["skipped_steps"] += 1
                 tr.optimizer.zero_grad(set_to_none=True)
             else:
+                consecutive_skips = 0
                 optimizer_step(tr, timer)
             step += 1
             hooks.on_step(step)
@@ -298,8 +441,7 @@ def _run(config, dist, device, *, resume, overwrite, hooks, timer) -> RunResult:
                 all_reduce_mean_(stats.metrics_TM)
                 all_reduce_mean_(stats.coeff_T)
                 elapsed = max(time.perf_counter() - window["t0"], 1e-9)
-                extra = {"epoch": step / steps_per_epoch, "images_per_sec": window["images"] / elapsed,
-                         "skipped_images": skipped_images, "skipped_steps": skipped_steps}
+                extra = {"epoch": step / steps_per_epoch, "images_per_sec": window["images"] / elapsed, **counters}
                 last_metrics = _metrics_line(step, stats.loss, stats.metrics_TM, stats.coeff_T, config, lr, momentum,
                                              extra)
                 if dist.is_main:
@@ -313,10 +455,10 @@ def _run(config, dist, device, *, resume, overwrite, hooks, timer) -> RunResult:
         plot_run(run_dir)
     distributed.barrier()  # the plots and the last checkpoint exist before any process returns
     status = "interrupted" if step < num_steps else "done"
+    if last_ckpt is None and dist.world_size > 1:  # only rank 0 writes; the others read where it did
+        last_ckpt = find_checkpoint(run_dir)
     if status == "interrupted":
         log.warning("%s at step %d/%d; checkpoint %s. Continue with --resume.", stop.signal_name, step,
                     num_steps, last_ckpt)
-    if last_ckpt is None and dist.world_size > 1:
-        last_ckpt = find_checkpoint(run_dir)
     return RunResult(run_dir, step, num_steps, status, last_ckpt, last_metrics, stop.signal_name)
 

@@ -10,7 +10,8 @@ An exported folder holds:
                         preprocessing), so `timm.create_model("local-dir:DIR", pretrained=True)` and
                         `transformers.AutoModel.from_pretrained(DIR)` (its TimmWrapperModel) both load it
     unic.json           provenance: teachers, licences, training config and step, unic version, source sha256
-    README.md           a model card with usage lines, the teachers table, the licence and any probe report
+    README.md           a model card with usage lines, the teachers table, the licence and this export's probe
+                        results (RUN/probe.json)
     heads.safetensors   only with `keep_heads`: the chosen teachers' ladder heads and standardiser statistics
 
 The ladder heads are re-implemented here (one Linear-GELU-Linear per tapped block, summed) so that an exported
@@ -145,6 +146,47 @@ def build_encoder(student: dict[str, Any]) -> nn.Module:
 def _num_summary_tokens(model: nn.Module) -> int:
     """Class tokens in front of the registers (0 or 1 for timm ViTs)."""
     return int(getattr(model, "num_prefix_tokens", 0)) - int(getattr(model, "num_reg_tokens", 0))
+
+
+# Pooling-side modules that training never reaches (unic_cli.student.Student freezes them): not exported.
+_UNTRAINED_POOLING = ("attn_pool", "fc_norm")
+
+
+def _pooling_args(model: nn.Module) -> dict[str, Any]:
+    """model_args whose pooled output (`model(x)`, transformers' `pooler_output`) is the distilled summary.
+
+    Training taps the last block through `model.norm` (an Identity when the architecture puts its norm after the
+    pooling, as `global_pool='avg'` does by default) and takes the class token, or the mean patch token. An
+    attention pool (`map`) or a post-pool `fc_norm` never gets a gradient, so the export turns both off and
+    keeps `model.norm` exactly as trained.
+    """
+    pool = "token" if _num_summary_tokens(model) > 0 else "avg"
+    has_norm = not isinstance(model.norm, nn.Identity)
+    if type(model).__name__ == "Eva":  # Eva always averages without the prefix tokens
+        return {"global_pool": pool, "use_fc_norm": False, "use_post_transformer_norm": has_norm}
+    args = {"global_pool": pool, "fc_norm": False}
+    if not has_norm:
+        args["final_norm"] = False  # else VisionTransformer builds a fresh, untrained norm
+    if getattr(model, "pool_include_prefix", False):
+        args["pool_include_prefix"] = False  # the summary averages patch tokens only, never the registers
+    return args
+
+
+def _export_encoder(student: dict[str, Any], model: nn.Module) -> tuple[nn.Module, dict[str, Any], list[str]]:
+    """The encoder as exported: `model` rebuilt with `_pooling_args`, loaded strictly without its untrained
+    pooling modules. Returns (encoder, model_args for config.json, the dropped modules' names)."""
+    import timm
+
+    model_args = {**_model_args(student), **_pooling_args(model)}
+    try:
+        encoder = timm.create_model(student["name"], pretrained=False, num_classes=0, **model_args)
+    except TypeError as err:  # e.g. a timm without VisionTransformer(final_norm=...)
+        raise ExportError(f"timm cannot build {student['name']!r} with {model_args} ({err}); upgrade timm") from None
+    state = model.state_dict()
+    dropped = sorted({k.split(".")[0] for k in state.keys() - encoder.state_dict().keys()})
+    assert set(dropped) <= set(_UNTRAINED_POOLING), f"export would drop trained weights of {dropped}"
+    encoder.load_state_dict({k: v for k, v in state.items() if k.split(".")[0] not in dropped}, strict=True)
+    return encoder.eval(), model_args, dropped
 
 
 def student_taps(model: nn.Module, images_BCHW: torch.Tensor, blocks: tuple[int, ...] | list[int]
@@ -298,8 +340,9 @@ def _licence_summary(cards: list[dict[str, Any]]) -> dict[str, Any]:
     return {"licenses": licenses, "non_commercial": bool(nc), "non_commercial_teachers": nc, "license_note": note}
 
 
-def _timm_config(student: dict[str, Any], model: nn.Module) -> dict[str, Any]:
-    """config.json in timm's hub layout (what `timm.models.save_for_hf` writes), for timm and transformers."""
+def _timm_config(student: dict[str, Any], model: nn.Module, model_args: dict[str, Any]) -> dict[str, Any]:
+    """config.json in timm's hub layout (what `timm.models.save_for_hf` writes), for timm and transformers;
+    `model` is the exported encoder and `model_args` the arguments it was built with."""
     size = int(student["image_size"])
     pretrained_cfg = {
         "input_size": [3, size, size],
@@ -313,9 +356,7 @@ def _timm_config(student: dict[str, Any], model: nn.Module) -> dict[str, Any]:
         "first_conv": "patch_embed.proj",
         "classifier": "head",
     }
-    model_args = _model_args(student)
     # transformers' TimmWrapperModel passes num_classes=0 itself: model_args must not repeat it.
-    model_args.setdefault("global_pool", model.global_pool)
     return {
         "architecture": student["name"],
         "num_classes": 0,
@@ -385,18 +426,84 @@ def _markdown_table(rows: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
-def _probe_section(probe: Any) -> str:
-    """`RUN/probe.json` as a table when it is a list of flat rows (or holds one under rows/results)."""
+def _probe_rows(probe: Any) -> list[dict[str, Any]] | None:
+    """The flat rows of `RUN/probe.json` (a list of rows, or a report holding one under rows/results/table)."""
     rows = probe
     if isinstance(probe, dict):
         rows = next((probe[k] for k in ("rows", "results", "table") if isinstance(probe.get(k), list)), None)
     if isinstance(rows, list) and rows and all(isinstance(r, dict) for r in rows):
-        flat = [{k: v for k, v in r.items() if not isinstance(v, (dict, list))} for r in rows]
-        return _markdown_table(flat)
-    return "```json\n" + json.dumps(probe, indent=2)[:4000] + "\n```"
+        return [{k: v for k, v in r.items() if not isinstance(v, (dict, list))} for r in rows]
+    return None
 
 
-def _model_card(info: dict[str, Any], probe: Any) -> str:
+def _probed_source_sha256(entry: Any) -> str | None:
+    """The source checkpoint sha256 that probe.json records for a student model, if it records one."""
+    if not isinstance(entry, dict):
+        return None
+    source = entry.get("source_checkpoint")
+    sha = source.get("sha256") if isinstance(source, dict) else entry.get("source_sha256")
+    return sha if isinstance(sha, str) else None
+
+
+def _probe_section(probe: Any, sha256: str) -> list[str]:
+    """The model card's probe section: only rows of this export where probe.json says which export a row is.
+
+    probe.json names a student by the folder it probed; a folder can hold another step's export, or be
+    overwritten later. Where the report records each student's source checkpoint sha256, only this export's rows
+    (and the teachers') are kept; otherwise the section says the rows were measured on the run's exports.
+    """
+    rows = _probe_rows(probe)
+    if rows is None:
+        return ["## Probe report (measured on the run's exports)", "",
+                "`RUN/probe.json` as found; it does not say which export each result was measured on.", "",
+                "```json\n" + json.dumps(probe, indent=2)[:4000] + "\n```", ""]
+    models = probe.get("models") if isinstance(probe, dict) and isinstance(probe.get("models"), dict) else {}
+    sources = {m: _probed_source_sha256(e) for m, e in models.items()}
+    kinds = {str(r.get("model")): r.get("kind") for r in rows}
+    students = [m for m, k in kinds.items() if k not in ("teacher", "baseline")]  # baseline: random init
+    if not any(sources.values()):
+        return ["## Probe report (measured on the run's exports)", "",
+                f"Measured by `unic probe --run` on the run's exports ({', '.join(students)}), not necessarily on "
+                "this checkpoint: `RUN/probe.json` does not record which checkpoint each export came from.", "",
+                _markdown_table(rows), ""]
+    mine = [m for m in students if sources.get(m) == sha256]
+    others = [m for m in students if m not in mine]
+    baselines = [m for m, k in kinds.items() if k == "baseline"]
+    kept = [r for r in rows if r.get("kind") == "teacher" or str(r.get("model")) in mine]
+    lines = ["## Probe report", ""]
+    if mine:
+        teachers = " and on the teachers" if any(r.get("kind") == "teacher" for r in kept) else ""
+        lines += [f"Measured on this export (probed as {', '.join(mine)}; its source checkpoint sha256 "
+                  f"matches){teachers}."]
+    else:
+        lines += ["`RUN/probe.json` holds no result for this export; probe it with `unic probe THIS_FOLDER --run RUN`."]
+    left_out = ([f"results of other exports or steps ({', '.join(others)})"] if others else []) + (
+        [f"random-init baselines ({', '.join(baselines)})"] if baselines else [])
+    if left_out:
+        lines += [f"Left out: {'; '.join(left_out)}."]
+    lines += [""]
+    if kept:
+        lines += [_markdown_table(kept), ""]
+    return lines
+
+
+def _step_text(info: dict[str, Any]) -> str:
+    if info.get("total_steps") is None:
+        return f"step {info['step']}"
+    return f"step {info['step']} of {info['total_steps']}" + ("" if info.get("finished") else " (unfinished run)")
+
+
+def _plain_timm_call(timm_config: dict[str, Any], folder: str = "PATH/TO/THIS/FOLDER") -> str:
+    """The `timm.create_model(NAME, pretrained_cfg_overlay=dict(file=...))` line that loads this export exactly."""
+    py = lambda v: f'"{v}"' if isinstance(v, str) else repr(tuple(v) if isinstance(v, list) else v)  # noqa: E731
+    cfg = timm_config["pretrained_cfg"]
+    args = ", ".join(f"{k}={py(v)}" for k, v in timm_config["model_args"].items())
+    overlay = ", ".join(f"{k}={py(cfg[k])}" for k in ("input_size", "mean", "std", "interpolation", "crop_pct"))
+    return (f'plain = timm.create_model("{timm_config["architecture"]}", pretrained=True, num_classes=0, {args},\n'
+            f'    pretrained_cfg_overlay=dict(file="{folder}/model.safetensors", {overlay}))')
+
+
+def _model_card(info: dict[str, Any], probe: Any, timm_config: dict[str, Any]) -> str:
     s, lic = info["student"], info["license"]
     hf_license = lic["licenses"][0] if len(lic["licenses"]) == 1 and lic["licenses"][0] != "unknown" else "other"
     teachers_rows = [{"alias": t["alias"], "source": t["source"], "model": t["model_id"] + (
@@ -415,7 +522,7 @@ def _model_card(info: dict[str, Any], probe: Any) -> str:
         "",
         f"A plain `{s['name']}` encoder ({s['image_size']} px, patch {s['patch_size']}, {s['embed_dim']}-d, "
         f"{s['num_blocks']} blocks) distilled from {len(info['teachers'])} teacher(s) with "
-        f"[UNIC](https://arxiv.org/abs/2407.21064) by unic {info['unic_version']}, step {info['step']}.",
+        f"[UNIC](https://arxiv.org/abs/2408.17064) by unic {info['unic_version']}, {_step_text(info)}.",
         "",
         f"**Licence.** {lic['license_note']}",
         "",
@@ -427,9 +534,14 @@ def _model_card(info: dict[str, Any], probe: Any) -> str:
         "config = timm.data.resolve_data_config({}, model=model)",
         "transform = timm.data.create_transform(**config)  # PIL image -> normalised tensor",
         "tokens = model.forward_features(transform(image)[None])  # [1, prefix + patches, D]",
+        f"summary = model(transform(image)[None])  # [1, D]: the distilled summary ({s['pooled_output']})",
+        "",
+        "# Plain timm without local-dir: pass config.json's model_args (image size, pooling), or timm silently",
+        "# resamples pos_embed to the architecture's default size and pools with untrained layers",
+        _plain_timm_call(timm_config),
         "",
         "from transformers import AutoModel",
-        'hf_model = AutoModel.from_pretrained("PATH/TO/THIS/FOLDER")  # TimmWrapperModel',
+        'hf_model = AutoModel.from_pretrained("PATH/TO/THIS/FOLDER")  # .last_hidden_state, .pooler_output (summary)',
         "",
         "import unic_cli",
         'student = unic_cli.load_student("PATH/TO/THIS/FOLDER")  # .model, .transform, .heads',
@@ -448,7 +560,7 @@ def _model_card(info: dict[str, Any], probe: Any) -> str:
                  **{m: v for m, v in d.items() if isinstance(v, (int, float))}} for k, d in metrics.items()]
         lines += ["## Training (last logged step)", "", _markdown_table(rows), ""]
     if probe is not None:
-        lines += ["## Probe report", "", _probe_section(probe), ""]
+        lines += _probe_section(probe, info["source_checkpoint"]["sha256"])
     lines += ["## Provenance", "", f"Exported from `{info['source_checkpoint']['path']}` "
               f"(sha256 `{info['source_checkpoint']['sha256']}`); the full training config is in `unic.json`.", ""]
     return "\n".join(lines)
@@ -497,7 +609,14 @@ def export_student(checkpoint_or_run: str | Path, out_dir: str | Path, *, keep_h
     except Exception as err:  # the architecture cannot hold these weights: a damaged or foreign file
         raise CheckpointError(f"{str(checkpoint)!r}: the student weights do not fit {student['name']!r} ({err})"
                               ) from None
-    log.info("exporting %s (step %d) to %s", checkpoint, ckpt["step"], out_dir)
+    encoder, model_args, dropped = _export_encoder(student, model)
+    step = int(ckpt["step"])
+    total_steps = (ckpt.get("scheduler") or {}).get("total_steps")  # `unic distill` records it; None: unknown
+    finished = None if total_steps is None else step >= int(total_steps)
+    log.info("exporting %s (step %d) to %s", checkpoint, step, out_dir)
+    if finished is False:
+        log.warning("%s is at step %d of %d: the run has not finished (interrupted, or still running); "
+                    "exporting it as it is", checkpoint, step, total_steps)
 
     cards = [dict(c) for c in ckpt["teachers"]]
     specs = list(ckpt.get("teacher_specs") or [c["alias"] for c in cards])
@@ -505,7 +624,9 @@ def export_student(checkpoint_or_run: str | Path, out_dir: str | Path, *, keep_h
         "format": EXPORT_FORMAT,
         "format_version": FORMAT_VERSION,
         "unic_version": __version__,
-        "step": int(ckpt["step"]),
+        "step": step,
+        "total_steps": None if total_steps is None else int(total_steps),
+        "finished": finished,
         "source_checkpoint": {"path": str(checkpoint.resolve()), "sha256": _sha256(checkpoint),
                               "unic_version": ckpt.get("unic_version")},
         "student": {
@@ -514,6 +635,9 @@ def export_student(checkpoint_or_run: str | Path, out_dir: str | Path, *, keep_h
             "embed_dim": int(model.num_features), "num_blocks": len(model.blocks),
             "num_register_tokens": int(getattr(model, "num_reg_tokens", 0)),
             "has_class_token": _num_summary_tokens(model) > 0,
+            # model(x) / pooler_output: the summary token unic distilled
+            "pooled_output": "class token" if _num_summary_tokens(model) > 0 else "mean patch token",
+            "untrained_modules_dropped": dropped,
             "mean": [float(v) for v in student["mean"]], "std": [float(v) for v in student["std"]],
             "interpolation": student.get("interpolation", "bicubic"),
         },
@@ -537,16 +661,17 @@ def export_student(checkpoint_or_run: str | Path, out_dir: str | Path, *, keep_h
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
     try:
-        save_file({k: v.detach().contiguous() for k, v in model.state_dict().items()}, tmp / WEIGHTS_FILE,
+        save_file({k: v.detach().contiguous() for k, v in encoder.state_dict().items()}, tmp / WEIGHTS_FILE,
                   metadata={"format": "pt"})
-        (tmp / "config.json").write_text(json.dumps(_timm_config(student, model), indent=2) + "\n")
+        timm_config = _timm_config(student, encoder, model_args)
+        (tmp / "config.json").write_text(json.dumps(timm_config, indent=2) + "\n")
         if chosen:
             meta = _heads_meta(ckpt, chosen)
             save_file(_heads_state(ckpt, chosen), tmp / HEADS_FILE,
                       metadata={"format": "pt", "unic": json.dumps(meta)})
         info["verification"] = _verify(tmp, model, student, chosen)
         (tmp / "unic.json").write_text(json.dumps(info, indent=2) + "\n")
-        (tmp / "README.md").write_text(_model_card(info, probe), encoding="utf-8")
+        (tmp / "README.md").write_text(_model_card(info, probe, timm_config), encoding="utf-8")
         if out_dir.exists():
             shutil.rmtree(out_dir) if out_dir.is_dir() else out_dir.unlink()
         tmp.rename(out_dir)
@@ -560,7 +685,8 @@ def export_student(checkpoint_or_run: str | Path, out_dir: str | Path, *, keep_h
 @torch.no_grad()
 def _verify(folder: Path, model: nn.Module, student: dict[str, Any], chosen: list[tuple[int, str]]
             ) -> dict[str, Any]:
-    """Reload the written folder through timm and compare its tokens with the checkpoint's encoder."""
+    """Reload the written folder through timm and compare its tokens, and its pooled output `reloaded(x)`,
+    with the checkpoint's encoder (the summary token: class token, or mean patch token)."""
     import timm
 
     reloaded = timm.create_model(f"local-dir:{folder}", pretrained=True).eval()
@@ -569,11 +695,13 @@ def _verify(folder: Path, model: nn.Module, student: dict[str, Any], chosen: lis
     images_BCHW = torch.randn(2, 3, size, size, generator=generator)
     want_summary, want_patch = student_tokens(model, images_BCHW)
     got_summary, got_patch = student_tokens(reloaded, images_BCHW)
+    pooled_diff = (reloaded(images_BCHW) - want_summary).abs().max().item()
     diff = max((want_summary - got_summary).abs().max().item(), (want_patch - got_patch).abs().max().item())
-    if not diff <= VERIFY_ATOL:
+    if not max(diff, pooled_diff) <= VERIFY_ATOL:
         raise ExportVerificationError(f"the exported encoder does not reproduce the checkpoint: max abs difference "
-                                      f"{diff:.3g} > {VERIFY_ATOL:g}; the folder was not written")
-    result = {"max_abs_diff": diff, "atol": VERIFY_ATOL, "num_images": 2}
+                                      f"{diff:.3g} (tokens), {pooled_diff:.3g} (pooled output vs summary) > "
+                                      f"{VERIFY_ATOL:g}; the folder was not written")
+    result = {"max_abs_diff": diff, "pooled_max_abs_diff": pooled_diff, "atol": VERIFY_ATOL, "num_images": 2}
     if chosen:
         heads = _load_heads(folder, reloaded, student)
         for _, alias in chosen:

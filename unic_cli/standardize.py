@@ -39,8 +39,12 @@ class EmaStandardizer(nn.Module):
         moments_2D = torch.stack([y.mean(dim=0), y.square().mean(dim=0)])
         all_reduce_mean_(moments_2D)  # equal batch sizes per rank, so the mean of means is the global mean
         mean_D, sq_D = moments_2D
-        self.mean_D.lerp_(mean_D, momentum)
-        self.var_D.lerp_((sq_D - mean_D.square()).clamp_(min=0), momentum)
+        # A non-finite batch (a teacher overflowing in bf16) must leave no trace: its step is skipped or stops the
+        # run, and the statistics keep their values (a device-side select, no host sync).
+        finite = torch.isfinite(moments_2D).all()
+        self.mean_D.copy_(torch.where(finite, self.mean_D.lerp(mean_D, momentum), self.mean_D))
+        self.var_D.copy_(torch.where(finite, self.var_D.lerp((sq_D - mean_D.square()).clamp_(min=0), momentum),
+                                     self.var_D))
 
     def standardize(self, y_xD: torch.Tensor) -> torch.Tensor:
         return (y_xD.float() - self.mean_D) * torch.rsqrt(self.var_D + self.eps)

@@ -12,6 +12,7 @@ clipping, and the AdamW step. Under torchrun the trainable model is wrapped in D
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -117,8 +118,11 @@ class StepStats:
     num_skipped: int
 
 
-def forward_backward(tr: Trainer, batches, momentum: float, timer, stop_requested: bool = False) -> StepStats:
-    """Every micro-batch of one optimiser step: teachers, student, losses, backward (gradients accumulate)."""
+def forward_backward(tr: Trainer, batches, momentum: float, timer,
+                     stop_requested: Callable[[], bool] = lambda: False) -> StepStats:
+    """Every micro-batch of one optimiser step: teachers, student, losses, backward (gradients accumulate).
+
+    `stop_requested` is asked after the last micro-batch (a signal during the step stops the run after it)."""
     config, dist = tr.config, tr.dist
     accum = config.grad_accum_steps
     loss_sum = metrics_sum_TM = coeff_sum_T = 0.0
@@ -151,7 +155,7 @@ def forward_backward(tr: Trainer, batches, momentum: float, timer, stop_requeste
         coeff_sum_T = coeff_sum_T + alpha_TB.mean(dim=1) / accum
     # every rank must take the same finite/non-finite branch and stop at the same step
     loss_sum = loss_sum.float()
-    check_2 = all_reduce_mean_(torch.stack([loss_sum, loss_sum.new_full((), float(stop_requested))]))  # no H2D copy
+    check_2 = all_reduce_mean_(torch.stack([loss_sum, loss_sum.new_full((), float(stop_requested()))]))  # no H2D copy
     return StepStats(check_2[0], check_2[1], metrics_sum_TM, coeff_sum_T, num_images, num_skipped)
 
 

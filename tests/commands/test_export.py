@@ -14,14 +14,21 @@ from unic_cli.cli import unic
 
 
 def test_export__cli_writes_a_loadable_folder(tmp_path, make_unic_checkpoint):
-    run = make_unic_checkpoint().parent.parent
+    import torch
+
+    ckpt_path = make_unic_checkpoint()
+    ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=True)
+    ckpt["scheduler"]["total_steps"] = 10  # step 7 of 10: an interrupted (or still running) run
+    torch.save(ckpt, ckpt_path)
     out = tmp_path / "student"
-    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
-    result = subprocess.run([sys.executable, "-m", "unic_cli", "export", str(run), "--out", str(out),
-                             "--keep-heads", "tiny_nc"], capture_output=True, text=True, env=env, timeout=120)
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "COLUMNS": "200"}
+    result = subprocess.run([sys.executable, "-m", "unic_cli", "export", str(ckpt_path.parent.parent), "--out",
+                             str(out), "--keep-heads", "tiny_nc"], capture_output=True, text=True, env=env, timeout=120)
     assert result.returncode == 0, result.stderr
     assert "local-dir:" in result.stdout and "Traceback" not in result.stderr
-    assert json.loads((out / "unic.json").read_text())["heads"]["teachers"] == ["tiny_nc"]
+    assert result.stderr.count("at step 7 of 10: the run has not finished") == 1, result.stderr
+    info = json.loads((out / "unic.json").read_text())
+    assert info["heads"]["teachers"] == ["tiny_nc"] and info["finished"] is False
 
 
 @pytest.mark.parametrize(

@@ -106,3 +106,31 @@ def test_probe__missing_splits_and_bad_flags_are_reported_together(class_data_cl
     assert result.exit_code == 2  # an unknown flag is click's usage error
     result = _run(["timm:test_vit", "--task", "kn", "--data", str(class_data_cli / "nope")])
     assert result.exit_code == 2 and "did you mean 'knn'?" in result.output and "does not exist" in result.output
+
+
+@pytest.mark.parametrize(("target", "task"), [("masks", "seg"), ("depth", "depth")])
+def test_probe__classification_task_on_a_dense_layout(tmp_path, target, task):
+    data = _dense_data(tmp_path / "data")
+    if target == "depth":
+        for split in ("train", "val"):
+            (data / split / "masks").rename(data / split / "depth")
+    result = _run(["timm:test_vit", "--task", "knn", "--data", str(data), "--out", str(tmp_path / "o")])
+    assert result.exit_code == 2 and f"holds images/ + {target}/ (the seg/depth layout)" in result.output
+    assert f"use --task {task}" in result.output and not (tmp_path / "o").exists()
+
+
+def test_probe__damaged_student_folder_and_a_run_that_is_no_run(tmp_path, class_data_cli, make_unic_checkpoint):
+    from unic_cli.export import export_student
+
+    student = export_student(make_unic_checkpoint(), tmp_path / "student")
+    # an export folder passed as --run is refused before anything is written into it
+    result = _run([str(student), "--task", "knn", "--data", str(class_data_cli), "--run", str(student)])
+    assert result.exit_code == 2 and "is not a `unic distill` run folder" in result.output
+    assert "config.toml" in result.output and not (student / "probe.json").exists()
+    (student / "model.safetensors").write_bytes(b"junk")
+    result = _run([str(student), "--task", "knn", "--data", str(class_data_cli), "--out", str(tmp_path / "o")])
+    assert result.exit_code == 2 and "model.safetensors' is not a readable safetensors file" in result.output
+    assert "re-run `unic export`" in result.output
+    (student / "model.safetensors").unlink()
+    result = _run([str(student), "--task", "knn", "--data", str(class_data_cli), "--out", str(tmp_path / "o")])
+    assert result.exit_code == 2 and "model.safetensors' is missing" in result.output

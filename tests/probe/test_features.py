@@ -73,6 +73,21 @@ def test_load_encoder__student_folder_gives_the_exported_tokens(student_dir):
     assert dense(images)[2] == (6, 6)  # position embeddings resampled to the probe resolution
 
 
+def test_load_encoder__a_student_with_a_register_and_no_class_token_summarises_by_mean_patch(tmp_path, pytestconfig):
+    from unic_cli.export import export_student, load_student
+
+    build = next(getattr(p, "_handmade_unic_checkpoint") for p in pytestconfig.pluginmanager.get_plugins()
+                 if hasattr(p, "_handmade_unic_checkpoint"))
+    checkpoint = build(tmp_path / "run" / "checkpoints" / "last.pt", student="test_vit3", blocks=(5, 8))
+    folder = export_student(checkpoint, tmp_path / "student")
+    encoder = load_encoder(resolve_model(str(folder)))
+    images = torch.randint(0, 256, (2, 3, 64, 64), dtype=torch.uint8)
+    summary_BD, patch_BND, _ = encoder(images)
+    want_summary, _ = load_student(folder).encode(images)  # what was distilled: the mean patch token
+    torch.testing.assert_close(summary_BD, want_summary, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(summary_BD, patch_BND.mean(dim=1), atol=1e-5, rtol=1e-5)
+
+
 def test_extract_features__one_pass_then_the_cache(tmp_path, class_data, teacher_weights, caplog):
     refs = [resolve_model(f"timm:test_vit?image_size=32&weights={teacher_weights['test_vit']}"),
             resolve_model(f"timm:test_vit2?image_size=48&weights={teacher_weights['test_vit2']}")]

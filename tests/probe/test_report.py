@@ -51,3 +51,32 @@ def test_write_report__merges_calls_and_writes_json_markdown_chart(tmp_path):
     markdown = (tmp_path / "probe.md").read_text()
     assert "## knn/x" in markdown and "| s | student | 0.9000 | +12.5% |" in markdown
     assert (tmp_path / "probe.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.mark.parametrize("data", [b"{broken", b'{"format": "other", "results": [1, 2]}', b"\xff\xfe not utf-8"])
+def test_write_report__moves_an_unreadable_or_foreign_probe_json_aside(tmp_path, caplog, data):
+    (tmp_path / "probe.json").write_bytes(data)
+    (tmp_path / "probe.json.bak").write_text("an older backup")
+    caplog.set_level("WARNING", logger="unic_cli")
+    merged, _ = rep.write_report(tmp_path, _report({"s": {"knn/x": {"top1_k20": 0.9}}}, {"s": "student"},
+                                                   tasks=("knn/x",)))
+    assert (tmp_path / "probe.json.1.bak").read_bytes() == data  # the user's file, kept as it was
+    assert (tmp_path / "probe.json.bak").read_text() == "an older backup"
+    assert json.loads((tmp_path / "probe.json").read_text())["results"] == merged["results"] == {
+        "s": {"knn/x": {"top1_k20": 0.9}}}
+    assert f"{tmp_path / 'probe.json'} is not a readable" in caplog.text
+    assert f"moved it to {tmp_path / 'probe.json.1.bak'}" in caplog.text
+
+
+def test_merge__a_task_key_on_another_split_drops_the_other_models_results(caplog):
+    base = _report({"s": {"knn/x": {"top1_k20": 0.9}}, "t": {"knn/x": {"top1_k20": 0.8}, "depth/y": {"rmse": 1.0}}},
+                   {"s": "student", "t": "teacher"})
+    new = _report({"s": {"knn/x": {"top1_k20": 0.7}}}, {"s": "student"}, tasks=("knn/x",))
+    new["tasks"]["knn/x"]["split"] = "test"
+    caplog.set_level("WARNING", logger="unic_cli")
+    merged = rep.merge(base, new, where="p/probe.json")
+    assert merged["results"] == {"s": {"knn/x": {"top1_k20": 0.7}}, "t": {"depth/y": {"rmse": 1.0}}}
+    assert merged["tasks"]["knn/x"]["split"] == "test"
+    assert "p/probe.json: knn/x now measures /d/x (test/), not /d/x (val/); dropped the old results of t" in caplog.text
+    caplog.clear()
+    assert rep.merge(merged, new)["results"] == merged["results"] and not caplog.text  # same data: nothing dropped

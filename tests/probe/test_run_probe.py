@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import json
+import shutil
 
 import pytest
 
 from unic_cli.config import ProbeConfig
 from unic_cli.errors import ProbeError
+from unic_cli.probe import report as rep
 from unic_cli.probe import run_probe
 
 FAST = {"num_workers": 0, "batch_size": 8, "linear_steps": 40, "dense_steps": 20, "dense_batch_size": 4,
@@ -46,9 +48,8 @@ def test_run_probe__student_and_two_teachers_share_one_report(tmp_path, class_da
     assert "top1_k5" in merged["results"][models[0]]["knn/cls"] and "linear/cls" in merged["results"][models[0]]
 
 
-def test_run_probe__seg_then_depth_merge_into_the_run(tmp_path, dense_data, teacher_weights):
-    run_dir = tmp_path / "run"
-    run_dir.mkdir()
+def test_run_probe__seg_then_depth_merge_into_the_run(tmp_path, dense_data, teacher_weights, make_unic_checkpoint):
+    run_dir = _run_folder(tmp_path / "run", make_unic_checkpoint)
     model = _teachers(teacher_weights)[0]
     for task in ("seg", "depth"):
         config = ProbeConfig.from_sources(None, {**FAST, "models": (model,), "tasks": (task,), "data_dir": dense_data,
@@ -110,3 +111,80 @@ def test_probe_package__imports_no_training_code_and_no_ui():
             "'unic_cli.checkpoint', 'click', 'rich') if m in sys.modules]; print(bad)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"
+
+
+def _knn(models, data, **extra) -> ProbeConfig:
+    return ProbeConfig.from_sources(None, {**FAST, "models": models, "tasks": ("knn",), "data_dir": data, **extra})
+
+
+def _run_folder(path, make_unic_checkpoint):
+    """A `unic distill` run folder as probe checks it: config.toml plus checkpoints/ (a hand-built last.pt)."""
+    make_unic_checkpoint(path / "checkpoints" / "last.pt")
+    (path / "config.toml").write_text('teachers = ["timm:test_vit"]\n')
+    return path
+
+
+def test_run_probe__random_init_is_a_baseline_next_to_the_pretrained_model(tmp_path, class_data, teacher_weights,
+                                                                          make_unic_checkpoint):
+    model = _teachers(teacher_weights)[0]
+    run_dir = _run_folder(tmp_path / "run", make_unic_checkpoint)
+    run_probe(_knn((model,), class_data, run_dir=run_dir))
+    # mark the stored real scores (on these colours, random weights score 1.0 too)
+    for path in (run_dir / "probe.json", run_dir / "probe" / "probe.json"):
+        saved = json.loads(path.read_text())
+        saved["results"][model]["knn/cls"] = pretrained = {"top1_k10": 0.125, "top1_k20": 0.25}
+        path.write_text(json.dumps(saved))
+    merged = run_probe(_knn((model,), class_data, run_dir=run_dir, random_init=True, seed=3)).merged
+    baseline = f"{model} (random init)"
+    assert merged["results"][model]["knn/cls"] == pretrained  # the real score survives the baseline
+    assert json.loads((run_dir / "probe.json").read_text())["results"][model]["knn/cls"] == pretrained
+    assert merged["results"][baseline]["knn/cls"]["top1_k20"] == 1.0
+    assert merged["models"][model] == {"kind": "teacher"}
+    assert merged["models"][baseline] == {"kind": "baseline", "random_init_of": "teacher", "seed": 3}
+    assert json.loads((run_dir / "probe.json").read_text())["models"] == merged["models"]
+    assert f"| {baseline} | baseline |" in (run_dir / "probe" / "probe.md").read_text()
+    # a baseline is no teacher: the gain is still measured against the real teacher, even when it scores higher
+    assert rep.relative_scores(merged)["knn/cls"] == pytest.approx({model: 0.0, baseline: 300.0})
+
+
+def test_run_probe__same_folder_name_on_other_data_drops_the_stale_results(tmp_path, class_data, teacher_weights,
+                                                                         caplog):
+    first, other = class_data, shutil.copytree(class_data, tmp_path / "elsewhere" / "cls")
+    a, b = _teachers(teacher_weights)
+    out = {"out_dir": tmp_path / "out"}
+    run_probe(_knn((a, b), first, **out))
+    caplog.set_level("WARNING", logger="unic_cli")
+    merged = run_probe(_knn((a,), other, **out)).merged
+    assert merged["tasks"]["knn/cls"]["data"] == str(other.resolve())
+    assert list(merged["results"]) == [a] and list(merged["models"]) == [a]  # b was measured on the other data
+    assert "knn/cls" in caplog.text and str(other.resolve()) in caplog.text and f"results of {b}" in caplog.text
+    assert b not in (tmp_path / "out" / "probe.md").read_text()
+    # the same data again keeps everything; only another split counts as other data too
+    run_probe(_knn((b,), other, **out))
+    caplog.clear()
+    shutil.copytree(other / "val", other / "test")
+    merged = run_probe(_knn((a,), other, eval_split="test", **out)).merged
+    assert list(merged["results"]) == [a] and f"results of {b}" in caplog.text
+
+
+def test_run_probe__damaged_student_folder_is_one_message(tmp_path, class_data, student_dir):
+    damaged = shutil.copytree(student_dir, tmp_path / "student")
+    (damaged / "model.safetensors").unlink()
+    with pytest.raises(ProbeError, match=r"model\.safetensors' is missing.*re-run `unic export`"):
+        run_probe(_knn((str(damaged),), class_data, out_dir=tmp_path / "o"))
+    (damaged / "model.safetensors").write_text("junk\n")
+    with pytest.raises(ProbeError, match=r"model\.safetensors' is not a readable safetensors file.*re-run `unic "):
+        run_probe(_knn((str(damaged),), class_data, out_dir=tmp_path / "o"))
+    assert not (tmp_path / "o").exists()  # refused before any extraction
+
+
+def test_run_probe__an_unreadable_run_report_is_moved_aside(tmp_path, class_data, teacher_weights,
+                                                           make_unic_checkpoint, caplog):
+    run_dir = _run_folder(tmp_path / "run", make_unic_checkpoint)
+    (run_dir / "probe.json").write_text("{broken")
+    caplog.set_level("WARNING", logger="unic_cli")
+    run_probe(_knn((_teachers(teacher_weights)[0],), class_data, run_dir=run_dir))
+    assert (run_dir / "probe.json.bak").read_text() == "{broken"
+    assert json.loads((run_dir / "probe.json").read_text())["format"] == "unic-probe"
+    assert f"{run_dir / 'probe.json'} is not a readable" in caplog.text
+    assert f"moved it to {run_dir / 'probe.json.bak'}" in caplog.text

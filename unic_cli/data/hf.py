@@ -11,13 +11,16 @@ group about once per epoch instead of once per image.
 The image column is the dataset's `Image` feature (read from the schema's "huggingface" metadata), else a
 column named image/img/jpg/jpeg/png/webp; HF stores an image as a struct {bytes, path}, and a row whose bytes
 are missing falls back to its path (relative to the dataset folder). Undecodable or missing images raise
-OSError, so the loader skips and counts them like unreadable files in a folder.
+OSError, so the loader skips and counts them like unreadable files in a folder. A damaged file is handled like a
+damaged tar shard: an Arrow file gives its complete record batches before the damage, a parquet file without a
+readable footer is skipped, each with a warning, and a `DataError` names the files when no row is left.
 """
 
 from __future__ import annotations
 
 import io
 import json
+import logging
 import os
 from collections import OrderedDict
 from collections.abc import Sequence
@@ -25,7 +28,10 @@ from pathlib import Path
 
 import numpy as np
 
+from unic_cli.data.source import describe_damaged
 from unic_cli.errors import DataError
+
+logger = logging.getLogger("unic_cli")
 
 _IMAGE_NAMES = ("image", "img", "jpg", "jpeg", "png", "webp")
 _ROW_GROUP_CACHE = 2  # row groups kept per process (a batch mostly comes from one)
@@ -103,22 +109,43 @@ class _LazyFiles:
 
 
 class ArrowDiskSource(_LazyFiles):
-    """A `Dataset.save_to_disk` folder (state.json + data-*.arrow) as a random-access image source."""
+    """A `Dataset.save_to_disk` folder (state.json + data-*.arrow) as a random-access image source.
+
+    A damaged Arrow file (cut short, or not an Arrow stream) is used up to its last complete record batch, with
+    a warning naming it, as a damaged tar shard is; a listed file that is missing is a `DataError`.
+    """
 
     def __init__(self, folder: Path) -> None:
         pa = _pyarrow()
         self.root = str(folder)
         state = json.loads((folder / "state.json").read_text())
-        self.files = [str(folder / f["filename"]) for f in state.get("_data_files", [])]
-        if not self.files:
+        listed = [str(folder / f["filename"]) for f in state.get("_data_files", [])]
+        if not listed:
             raise DataError(f"{self.root!r} lists no data files in state.json; is it a `save_to_disk` folder?")
+        if missing := [p for p in listed if not os.path.isfile(p)]:
+            raise DataError(f"{len(missing)} of the {len(listed)} data files listed in {self.root}/state.json do "
+                            f"not exist, e.g. {missing[0]!r}; copy the whole folder again.")
         self._open = {}
-        starts, column = [0], None
-        for path in self.files:
-            reader = pa.ipc.open_stream(pa.memory_map(path))  # zero-copy: only batch metadata is touched
-            column = column or _image_column(reader.schema, self.root)
-            starts.append(starts[-1] + sum(batch.num_rows for batch in reader))
+        self.files, batches, starts, column, damaged = [], [], [0], None, []
+        for path in listed:
+            num_batches, num_rows, schema, problem = _read_stream_index(pa, path)
+            if problem is not None:
+                damaged.append((path, problem, num_rows))
+            if num_rows:
+                column = column or _image_column(schema, self.root)
+                self.files.append(path)
+                batches.append(num_batches)
+                starts.append(starts[-1] + num_rows)
+        if damaged and not self.files:
+            raise DataError(f"No readable rows in the Hugging Face dataset {self.root!r}: "
+                            f"{describe_damaged(damaged)}; copy the folder again or re-create it with save_to_disk.")
+        for path, problem, num_rows in damaged:
+            if num_rows:
+                logger.warning("Arrow file %s is unreadable after %d rows (%s); using those", path, num_rows, problem)
+            else:
+                logger.warning("Arrow file %s is unreadable (%s); skipping it", path, problem)
         self.column = column
+        self._batches_F = np.asarray(batches, dtype=np.int64)  # complete record batches per file
         self._start_U = np.asarray(starts, dtype=np.int64)  # one chunk per file
 
     def name(self, index: int) -> str:
@@ -129,8 +156,43 @@ class ArrowDiskSource(_LazyFiles):
         pa = _pyarrow()
         f, row = self._locate(index)
         if f not in self._open:
-            self._open[f] = pa.ipc.open_stream(pa.memory_map(self.files[f])).read_all().column(self.column)
+            # Only the batches indexed: a damaged file fails past them (read_all would raise).
+            reader = pa.ipc.open_stream(pa.memory_map(self.files[f]))
+            batches = [reader.read_next_batch() for _ in range(int(self._batches_F[f]))]
+            self._open[f] = pa.Table.from_batches(batches, schema=reader.schema).column(self.column)
         return _image_bytes(self._open[f][row].as_py(), self.root)
+
+
+_ARROW_EOS = b"\xff\xff\xff\xff\x00\x00\x00\x00"  # the IPC stream's end-of-stream marker
+
+
+def _read_stream_index(pa, path: str):
+    """(complete record batches, their rows, schema or None, problem or None) of an Arrow IPC stream file.
+
+    Touches only the batches' metadata (the file is memory-mapped). The problem is None only when the stream
+    ends with its end-of-stream marker right after the last batch: pyarrow's reader takes a file cut exactly
+    between two batches for a complete stream, so without this check such a file would lose rows silently.
+    """
+    num_batches = num_rows = 0
+    schema = None
+    try:
+        source = pa.memory_map(path)
+        reader = pa.ipc.open_stream(source)
+        schema, end = reader.schema, source.tell()
+        while True:
+            try:
+                batch = reader.read_next_batch()
+            except StopIteration:
+                break
+            num_batches, num_rows, end = num_batches + 1, num_rows + batch.num_rows, source.tell()
+        size = source.size()
+        source.seek(end)
+        if source.read(len(_ARROW_EOS)) != _ARROW_EOS or size != end + len(_ARROW_EOS):
+            return num_batches, num_rows, schema, (f"its stream stops at byte {end} of {size} without Arrow's "
+                                                   "end-of-stream marker; cut short?")
+    except (OSError, pa.ArrowException) as err:
+        return num_batches, num_rows, schema, f"{type(err).__name__}: {err}"
+    return num_batches, num_rows, schema, None
 
 
 class ParquetSource(_LazyFiles):
@@ -141,14 +203,28 @@ class ParquetSource(_LazyFiles):
         self.files = [str(f) for f in files]
         self.root = ", ".join(self.files[:3]) + (" ..." if len(self.files) > 3 else "")
         self._open, self._cache = {}, OrderedDict()
-        file_ids, groups, starts, column = [], [], [0], None
-        for f, path in enumerate(self.files):
-            meta = pa.parquet.ParquetFile(path)  # the footer only
+        readable, file_ids, groups, starts, column, damaged = [], [], [], [0], None, []
+        for path in self.files:
+            try:
+                meta = pa.parquet.ParquetFile(path)  # the footer only
+            except (OSError, pa.ArrowException) as err:
+                # Without its footer (at the end of the file) a parquet file's rows cannot be located at all.
+                damaged.append((path, f"{type(err).__name__}: {err}"))
+                continue
             column = column or _image_column(meta.schema_arrow, path)
+            f = len(readable)
+            readable.append(path)
             for g in range(meta.metadata.num_row_groups):
                 file_ids.append(f)
                 groups.append(g)
                 starts.append(starts[-1] + meta.metadata.row_group(g).num_rows)
+        if damaged and not readable:
+            origin = f" in the parquet files {self.root}" if len(self.files) > 1 else ""
+            raise DataError(f"No readable rows{origin}: {describe_damaged(damaged)}; download or copy "
+                            f"{'them' if len(damaged) > 1 else 'it'} again.")
+        for path, problem in damaged:
+            logger.warning("Parquet file %s is unreadable (%s); skipping it", path, problem)
+        self.files = readable
         self.column = column
         self._file_G, self._group_G = np.asarray(file_ids, np.int32), np.asarray(groups, np.int32)
         self._start_U = np.asarray(starts, dtype=np.int64)  # one chunk per row group

@@ -24,8 +24,6 @@ logger = logging.getLogger("unic_cli")
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm")
 
 
-
-
 def list_image_folder(root: Path) -> list[tuple[Path, str]]:
     """All images under `root`, recursively, sorted by relative path, with their class name.
 
@@ -97,6 +95,34 @@ class PathTable:
         return self.name(index)
 
 
+def describe_damaged(damaged: Sequence[tuple]) -> str:
+    """'a is damaged (why)' or 'N files are damaged: a (why), b (why), ...' from (path, why, ...) tuples."""
+    if len(damaged) == 1:
+        return f"{damaged[0][0]} is damaged ({damaged[0][1]})"
+    more = f", and {len(damaged) - 3} more" if len(damaged) > 3 else ""
+    return f"{len(damaged)} files are damaged: {', '.join(f'{d[0]} ({d[1]})' for d in damaged[:3])}{more}"
+
+
+def _tar_end_problem(shard: str, offset: int) -> str | None:
+    """Why a tar archive whose last header ended at `offset` did not end properly; None if it did.
+
+    Python's tarfile stops without an error at a missing, short or invalid header (it takes any of
+    them for the end of the archive), so a shard cut at or inside a header would otherwise lose its
+    remaining samples silently. A complete archive has its end-of-archive marker there: a zero block
+    (GNU tar, Python's tarfile and webdataset's TarWriter write two, padded to a 10 kB record).
+    """
+    with open(shard, "rb") as f:
+        block = os.pread(f.fileno(), tarfile.BLOCKSIZE, offset)
+    if block == tarfile.NUL * tarfile.BLOCKSIZE:
+        return None
+    if not block:
+        return f"it ends at byte {offset}, after a member, without tar's end-of-archive marker; cut short?"
+    if len(block) < tarfile.BLOCKSIZE:
+        where = "its end-of-archive marker" if block == tarfile.NUL * len(block) else "a tar header"
+        return f"it ends inside {where} at byte {offset}; cut short?"
+    return f"invalid tar header at byte {offset}"
+
+
 class TarIndex:
     """WebDataset tar shards as a random-access image source: (shard, data offset, size) per sample.
 
@@ -106,14 +132,17 @@ class TarIndex:
     shards, which local disks serve as well as a folder of files. The WebDataset convention applies:
     members sharing a key (the path up to the first "." of the file name) form one sample, and its
     first member with an image extension is used; other members (labels, captions) are ignored.
+
+    A damaged shard (cut short, a bad header) gives the samples before the damage, with a warning naming it;
+    a `DataError` names the damaged shards when no sample is left.
     """
 
     def __init__(self, shards: Sequence[Path]) -> None:
         self.root = ", ".join(str(s) for s in shards[:3]) + (" ..." if len(shards) > 3 else "")
         self.shards = [str(s) for s in shards]
-        shard_ids, offsets, sizes, names = [], [], [], []
+        shard_ids, offsets, sizes, names, damaged = [], [], [], [], []
         for shard_id, shard in enumerate(self.shards):
-            seen_keys = set()
+            seen_keys, problem = set(), None
             try:
                 with tarfile.open(shard, "r:") as tar:  # "r:" seeks over member data: headers only
                     for member in tar:
@@ -128,9 +157,27 @@ class TarIndex:
                         offsets.append(member.offset_data)
                         sizes.append(member.size)
                         names.append(member.name)
+                    problem = _tar_end_problem(shard, tar.offset)
             except (tarfile.TarError, OSError) as err:  # a damaged shard still gives the samples before the damage
-                logger.warning("Tar shard %s is unreadable after %d samples (%s: %s); using those",
-                               shard, len(seen_keys), type(err).__name__, err)
+                problem = f"{type(err).__name__}: {err}"
+            if problem is not None:
+                # A member whose data runs past the end of a cut shard is not a sample: drop it here, so
+                # that the count below is what training gets.
+                file_size = os.path.getsize(shard) if os.path.exists(shard) else 0
+                kept = len(seen_keys)
+                while shard_ids and shard_ids[-1] == shard_id and offsets[-1] + sizes[-1] > file_size:
+                    for column in (shard_ids, offsets, sizes, names):
+                        column.pop()
+                    kept -= 1
+                damaged.append((shard, problem, kept))
+        if damaged and not shard_ids:
+            raise DataError(f"No readable sample in the tar shard(s) {self.root}: {describe_damaged(damaged)}; "
+                            f"copy or write {'them' if len(damaged) > 1 else 'it'} again.")
+        for shard, problem, kept in damaged:
+            if kept:
+                logger.warning("Tar shard %s is unreadable after %d samples (%s); using those", shard, kept, problem)
+            else:
+                logger.warning("Tar shard %s is unreadable (%s); skipping it", shard, problem)
         self._shard_N = np.asarray(shard_ids, dtype=np.int32)
         self._offset_N = np.asarray(offsets, dtype=np.int64)
         self._size_N = np.asarray(sizes, dtype=np.int64)

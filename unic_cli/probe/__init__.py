@@ -9,6 +9,8 @@ probe.png. Probes never touch training code: a student is read from its exported
 
 from __future__ import annotations
 
+import json
+
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -285,10 +287,18 @@ def run_probe(config: ProbeConfig, *, progress: ProgressFn | None = None) -> Pro
     # 2. features and probes
     cache = FeatureCache(config.resolved_cache_dir)
     data_name = config.data_dir.resolve().name
+    # a random-init model is a baseline next to the real one, never in its place
+    names = {m: m if pretrained else report_lib.random_init_name(m) for m in config.models}
     new = report_lib.empty_report()
     for ref in refs:
-        new["models"][ref.name] = {"kind": ref.kind}
-        new["results"][ref.name] = {}
+        new["models"][names[ref.name]] = ({"kind": ref.kind} if pretrained else
+                                          {"kind": "baseline", "random_init_of": ref.kind, "seed": config.seed})
+        if pretrained and ref.kind == "student":  # which checkpoint it came from: the export's card keeps its rows
+            source = _read_unic_json(ref.folder).get("source_checkpoint")
+            if isinstance(source, dict):
+                new["models"][names[ref.name]]["source_checkpoint"] = {
+                    "sha256": source.get("sha256"), "step": _read_unic_json(ref.folder).get("step")}
+        new["results"][names[ref.name]] = {}
     if classification:
         train, evaluation = splits["classification"]
         results = _classification(config, refs, train, evaluation, cache, device, progress)
@@ -296,14 +306,14 @@ def run_probe(config: ProbeConfig, *, progress: ProgressFn | None = None) -> Pro
             key = f"{task}/{data_name}"
             new["tasks"][key] = _task_info(config, task, evaluation)
             for ref in refs:
-                new["results"][ref.name][key] = results[ref.name][task]
+                new["results"][names[ref.name]][key] = results[ref.name][task]
     for task in dense:
         train, evaluation = splits[task]
         results = _dense(config, task, dense_refs, train, evaluation, cache, device, progress)
         key = f"{task}/{data_name}"
         new["tasks"][key] = _task_info(config, task, evaluation)
         for ref in dense_refs:
-            new["results"][ref.name][key] = results[ref.name][task]
+            new["results"][names[ref.name]][key] = results[ref.name][task]
     new["rows"] = report_lib.flat_rows(new)
 
     # 3. reports
@@ -313,7 +323,15 @@ def run_probe(config: ProbeConfig, *, progress: ProgressFn | None = None) -> Pro
     merged, files = report_lib.write_report(out_dir, new)
     if config.run_dir is not None:
         run_file = config.run_dir / "probe.json"
-        report_lib.write_json(run_file, report_lib.merge(report_lib.read_report(run_file), new))
+        report_lib.write_json(run_file, report_lib.merge(report_lib.read_report(run_file), new, where=str(run_file)))
         files.append(run_file)
     log.info("wrote %s", ", ".join(str(f) for f in files))
     return ProbeOutcome(new, merged, files)
+
+
+def _read_unic_json(folder) -> dict:
+    try:
+        data = json.loads((folder / "unic.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+    return data if isinstance(data, dict) else {}

@@ -113,6 +113,12 @@ def _few(names: Sequence[str], n: int = 5) -> str:
 
 def list_class_split(split_dir: Path) -> Split:
     """A class-folder split: `split_dir/<class>/**/<image>`; class index = sorted folder order."""
+    folders = {p.name for p in split_dir.iterdir() if p.is_dir() and not p.name.startswith(".")}
+    if "images" in folders and {"masks", "depth"} & folders and folders <= {"images", "masks", "depth"}:
+        targets = sorted(folders - {"images"})
+        tasks = " or ".join(f"--task {'seg' if t == 'masks' else 'depth'}" for t in targets)
+        raise DataError(f"{str(split_dir)!r} holds images/ + {'/ + '.join(targets)}/ (the seg/depth layout), not "
+                        f"class folders; knn, linear and zeroshot need {split_dir.name}/<class>/<image>: use {tasks}")
     entries = list_image_folder(split_dir)
     loose = [p.name for p, c in entries if not c]
     if loose:
@@ -264,7 +270,10 @@ class _TimmTokens(nn.Module):
         (patch_BDhw, prefix_BPD), = self.model.forward_intermediates(
             images_BCHW, indices=1, norm=True, return_prefix_tokens=True, output_fmt="NCHW", intermediates_only=True
         )
-        summary_BD = prefix_BPD[:, 0] if prefix_BPD.shape[1] else None  # no class token: the mean patch token
+        # the class token (timm puts it first, before any registers); none: the mean patch token downstream, as
+        # the student was distilled (a register token is no summary)
+        has_cls = getattr(self.model, "cls_token", None) is not None
+        summary_BD = prefix_BPD[:, 0] if has_cls and prefix_BPD.shape[1] else None
         return summary_BD, patch_BDhw.flatten(2).transpose(1, 2), tuple(patch_BDhw.shape[-2:])
 
 
@@ -388,6 +397,21 @@ def _read_json(path: Path) -> dict:
         raise ProbeError(f"{str(path)!r} is unreadable ({err}); re-run `unic export` for this student") from None
 
 
+def _check_weights(path: Path) -> None:
+    """An exported student's model.safetensors must exist and have a readable header (the tensors are not read)."""
+    from safetensors import SafetensorError, safe_open
+
+    if not path.is_file():
+        raise ProbeError(f"{str(path)!r} is missing, so this student folder is incomplete; re-run `unic export` "
+                         "for this student")
+    try:
+        with safe_open(path, framework="pt"):
+            pass
+    except (OSError, SafetensorError) as err:
+        raise ProbeError(f"{str(path)!r} is not a readable safetensors file ({err}); re-run `unic export` for "
+                         "this student") from None
+
+
 def _resolve_spec(model: str) -> TeacherSpec:
     """A teacher spec; a bare timm model name that is not a registry alias becomes `timm:NAME`."""
     spec = parse_teacher_spec(model)
@@ -420,11 +444,14 @@ def resolve_model(model: str, *, image_size: int | None = None, pretrained: bool
     if is_student_dir(model):
         folder = Path(model).expanduser()
         config, meta = _read_json(folder / "config.json"), _read_json(folder / "unic.json")
+        _check_weights(folder / "model.safetensors")
         native = int(config.get("pretrained_cfg", {}).get("input_size", (3, 224, 224))[-1])
         patch = int(meta.get("student", {}).get("patch_size") or 16)
         size = native if image_size is None else _vit_size(image_size, patch)
-        files = [folder / n for n in ("config.json", "unic.json", "model.safetensors") if (folder / n).is_file()]
-        identity = {"kind": "student", "files": [_file_stamp(p) for p in files], "image_size": size, **extra}
+        files = [folder / n for n in ("config.json", "unic.json", "model.safetensors")]
+        # "summary": how the summary token is read (v2: a register token is no summary; cached v1 features are stale)
+        identity = {"kind": "student", "files": [_file_stamp(p) for p in files], "image_size": size,
+                    "summary": 2, **extra}
         return ModelRef(model, "student", size, identity, folder=folder)
     spec = _resolve_spec(model)
     card = resolve_card(spec)

@@ -4,23 +4,29 @@ probe.json layout (format "unic-probe", version 1)::
 
     {"format": "unic-probe", "format_version": 1, "unic_version": "0.1.0",
      "results": {MODEL: {TASK_KEY: {metric: value, ...}}},        # model -> task -> metrics
-     "models":  {MODEL: {"kind": "student" | "teacher"}},
+     "models":  {MODEL: {"kind": "student" | "teacher" | "baseline"}},  # baseline: random init
      "tasks":   {TASK_KEY: {"task": "knn", "data": "/abs/dataset", "split": "val",
                             "primary": "top1_k20", "higher_is_better": true}},
      "rows":    [{"model", "kind", "task", "data", "split", "metric", "score", ...}]}  # flat, for model cards
 
-TASK_KEY is `task/dataset-folder-name` (e.g. `knn/hymenoptera`), so one file holds several datasets.
+TASK_KEY is `task/dataset-folder-name` (e.g. `knn/hymenoptera`), so one file holds several datasets. A task key
+measured again on other data (another folder of the same name, or another evaluation split) replaces the old
+entry: the other models' results under it are dropped with a warning, so one table never mixes datasets.
+A model probed with random weights is its own entry, `MODEL (random init)` of kind `baseline`.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 from pathlib import Path
 from typing import Any
 
 from unic_cli import __version__
+
+log = logging.getLogger("unic_cli")
 
 FORMAT = "unic-probe"
 FORMAT_VERSION = 1
@@ -40,26 +46,71 @@ def empty_report() -> dict[str, Any]:
             "models": {}, "tasks": {}, "rows": []}
 
 
-def read_report(path: Path) -> dict[str, Any]:
-    """An earlier probe.json, or an empty report when there is none (or it is not ours)."""
-    if not path.is_file():
-        return empty_report()
+def random_init_name(model: str) -> str:
+    """The probe.json key of MODEL probed with random weights (`--random-init`): a baseline next to MODEL."""
+    return f"{model} (random init)"
+
+
+def _parse(text: str) -> dict[str, Any] | None:
     try:
-        report = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError):
-        return empty_report()
+        report = json.loads(text)
+    except ValueError:
+        return None
     if not isinstance(report, dict) or report.get("format") != FORMAT:
-        return empty_report()
+        return None
+    if not all(isinstance(report.get(k), dict) for k in ("results", "models", "tasks")):
+        return None
     return report
 
 
-def merge(base: dict[str, Any], new: dict[str, Any]) -> dict[str, Any]:
-    """`new` over `base`: a (model, task) measured again replaces the older numbers."""
+def read_report(path: Path) -> dict[str, Any]:
+    """An earlier probe.json to merge into, or an empty report when there is none.
+
+    A probe.json that is unreadable or not ours is never overwritten: it is moved to `probe.json.bak` (or
+    `probe.json.1.bak`, `.2.bak`, ... when that exists) with a warning naming both paths, and an empty report
+    is returned for the caller to write in its place.
+    """
+    if not path.is_file():
+        return empty_report()
+    try:
+        report = _parse(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError:
+        report = None
+    if report is not None:
+        return report
+    backup = path.with_name(path.name + ".bak")
+    n = 0
+    while backup.exists():
+        n += 1
+        backup = path.with_name(f"{path.name}.{n}.bak")
+    path.replace(backup)
+    log.warning("%s is not a readable unic probe report; moved it to %s and writing a new one", path, backup)
+    return empty_report()
+
+
+def merge(base: dict[str, Any], new: dict[str, Any], *, where: str = "probe.json") -> dict[str, Any]:
+    """`new` over `base`: a (model, task) measured again replaces the older numbers.
+
+    A task key of `new` whose data folder or split differs from the one in `base` was measured on other data:
+    the results of every model under that key in `base` are stale and dropped (a warning in the log names
+    them and `where`, the file being updated).
+    """
     out = empty_report()
+    stale = {key for key, info in new["tasks"].items() if key in base["tasks"]
+             and (base["tasks"][key].get("data"), base["tasks"][key].get("split")) != (info["data"], info["split"])}
+    for key in sorted(stale):
+        old, info = base["tasks"][key], new["tasks"][key]
+        dropped = [m for m, tasks in base["results"].items() if key in tasks and key not in new["results"].get(m, {})]
+        if dropped:
+            log.warning("%s: %s now measures %s (%s/), not %s (%s/); dropped the old results of %s: probe them "
+                        "again on this data, or use another --out to keep both", where, key, info["data"],
+                        info["split"], old.get("data"), old.get("split"), ", ".join(dropped))
     for report in (base, new):
         for model, tasks in report["results"].items():
-            out["results"].setdefault(model, {}).update(tasks)
-        out["models"].update(report["models"])
+            kept = {k: v for k, v in tasks.items() if report is new or k not in stale}
+            if kept or model in new["results"]:
+                out["results"].setdefault(model, {}).update(kept)
+                out["models"][model] = report["models"].get(model, out["models"].get(model, {}))
         out["tasks"].update(report["tasks"])
     out["rows"] = flat_rows(out)
     return out
@@ -170,7 +221,7 @@ def plot_chart(report: dict[str, Any], path: Path) -> Path | None:
         ys = [relative[task].get(model, math.nan) for task in tasks]
         kind = report["models"].get(model, {}).get("kind", "teacher")
         bars = ax.bar(xs, [0 if math.isnan(y) else y for y in ys], width, label=f"{model} ({kind})",
-                      color=colours[i % len(colours)], hatch=None if kind == "student" else "//",
+                      color=colours[i % len(colours)], hatch={"student": None, "baseline": ".."}.get(kind, "//"),
                       edgecolor="black", linewidth=0.5)
         for bar, y in zip(bars, ys):
             if not math.isnan(y):
@@ -210,7 +261,7 @@ def write_json(path: Path, report: dict[str, Any]) -> None:
 
 def write_report(out_dir: Path, new: dict[str, Any]) -> tuple[dict[str, Any], list[Path]]:
     """Merge `new` into OUT/probe.json and rewrite probe.json, probe.md and probe.png from the merged report."""
-    merged = merge(read_report(out_dir / "probe.json"), new)
+    merged = merge(read_report(out_dir / "probe.json"), new, where=str(out_dir / "probe.json"))
     write_json(out_dir / "probe.json", merged)
     (out_dir / "probe.md").write_text(render_markdown(merged), encoding="utf-8")
     files = [out_dir / "probe.json", out_dir / "probe.md"]
