@@ -172,7 +172,7 @@ def run_variant(variant: dict, preset: Preset, paths: dict[str, Path], work: Pat
     done_file = student_dir / "benchmark.json"
     if done_file.is_file() and not fresh:
         log(f"{variant['name']}: already distilled and exported ({student_dir.name})")
-        return {**json.loads(done_file.read_text()), **info}
+        return {**json.loads(done_file.read_text()), **info, "reused": True}
     flags = variant["flags"]
     steps = flags[flags.index("--steps") + 1] if "--steps" in flags else preset.steps  # the last --steps wins
     log(f"{variant['name']}: distilling {steps} step(s) ...")
@@ -258,7 +258,10 @@ def render_markdown(summary: dict, meta: dict) -> str:
         f"{meta['image_size']} px, {meta['steps']} steps of {meta['batch_size']} images ({meta['images_seen']} "
         f"augmented views of {meta['distill_images']} training images), seed {meta['seed']}. Probes: `unic probe` "
         "(k-NN top-1 at k=20, linear top-1, CamVid linear-patch mIoU); numbers are %. "
-        f"Machine: {meta['machine']}; total {meta['total_minutes']:.1f} min.", "",
+        f"Machine: {meta['machine']}; total {meta['total_minutes']:.1f} min"
+        + (f" ({meta['reused_students']} students reused from an earlier invocation; distilling and exporting all "
+           f"{len(students)} took {meta['distill_export_minutes']:.1f} min)" if meta.get("reused_students") else "")
+        + ".", "",
         "Retention = student / best teacher on that task (all metrics here are higher-is-better); "
         "the paper's goal is >= 1.0 on every task for the full recipe.", "",
         head, rule,
@@ -356,6 +359,8 @@ def main() -> None:
             "machine": f"{platform.machine()}, {os.cpu_count()} CPU cores, torch {torch.__version__}, "
                        f"{torch.get_num_threads()} threads",
             "probe_seconds": report["timings"], "total_minutes": (time.perf_counter() - start) / 60,
+            "reused_students": sum(bool(v.get("reused")) for v in variants),
+            "distill_export_minutes": sum(v["distill_seconds"] + v["export_seconds"] for v in variants) / 60,
             "command": f"python benchmarks/run_benchmark.py --preset {args.preset} --seed {args.seed}"
                        + (" --only " + " ".join(f"'{n}'" for n in args.only) if args.only else "")}
     results.mkdir(parents=True, exist_ok=True)

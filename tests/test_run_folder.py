@@ -58,13 +58,16 @@ def test_failed_start__leaves_nothing_that_blocks_the_corrected_command(tiny_tea
     shutil.copy(next(tiny_images.rglob("*.jpg")), few / "one.jpg")
     with pytest.raises(DataError, match="fewer than one global batch"):
         run(_config(tiny_teachers, few, tmp_path / "r"))
+    assert not (tmp_path / "r").exists()  # nothing left behind
+    (tmp_path / "r").mkdir()
+    (tmp_path / "r" / "config.toml").write_text("# what a failed start of an earlier version left")
     result = run(_config(tiny_teachers, tiny_images, tmp_path / "r", steps=1))  # no --overwrite needed
     assert result.status == "done" and not (tmp_path / "r" / ".lock").exists()
 
 
 def test_out_under_a_file__one_clear_error(tiny_teachers, tiny_images, tmp_path):
     (tmp_path / "file").write_text("")
-    with pytest.raises(ConfigError, match=r"cannot create --out .*file/run"):
+    with pytest.raises(ConfigError, match=r"--out .*file/run' cannot be created: .*file' is a file"):
         run(_config(tiny_teachers, tiny_images, tmp_path / "file" / "run"))
 
 

@@ -72,6 +72,18 @@ def _plain(value: Any) -> Any:
     return value
 
 
+def output_folder_problem(flag: str, path: Path) -> str | None:
+    """Why `path` cannot be created or used as an output folder (a file there, or a file among its parents)."""
+    if path.exists() and not path.is_dir():
+        return f"{flag} {str(path)!r} is a file, not a folder"
+    for parent in path.absolute().parents:
+        if parent.exists():
+            if not parent.is_dir():
+                return f"{flag} {str(path)!r} cannot be created: {str(parent)!r} is a file"
+            break
+    return None
+
+
 @dataclass(frozen=True, kw_only=True)
 class CommandConfig:
     """Base of the per-command configs: layering, coercion, validation and TOML round trip."""
@@ -174,7 +186,9 @@ class ExportConfig(CommandConfig):
             problems.append(f"{str(self.checkpoint)!r} does not exist; give a `unic distill` run folder or a "
                             "checkpoint file")
         out = self.out
-        if out.exists() and not (out.is_dir() and not any(out.iterdir())) and not self.overwrite:
+        if problem := output_folder_problem("--out", out):
+            problems.append(problem)
+        elif out.exists() and not (out.is_dir() and not any(out.iterdir())) and not self.overwrite:
             problems.append(f"{str(out)!r} already exists; pass --overwrite to replace it, or choose another --out")
         if self.checkpoint.exists() and out.exists() and out.resolve() == self.checkpoint.resolve():
             problems.append(f"--out {str(out)!r} is the run itself; choose another folder")
@@ -306,8 +320,8 @@ class DistillConfig(CommandConfig):
         if not (self.data_dir.is_dir() or shard_file or "{" in str(self.data_dir)):
             what = "is not a folder" if self.data_dir.exists() else "does not exist"
             problems.append(f"--data {str(self.data_dir)!r} {what}; give a folder of images")
-        if self.out_dir.exists() and not self.out_dir.is_dir():
-            problems.append(f"--out {str(self.out_dir)!r} exists and is not a folder")
+        if problem := output_folder_problem("--out", self.out_dir):
+            problems.append(problem)
         for name in ("image_size", "batch_size", "grad_accum_steps", "log_every", "checkpoint_every"):
             if getattr(self, name) < 1:
                 problems.append(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
@@ -462,8 +476,8 @@ class ProbeConfig(CommandConfig):
                             "only choose where the reports go")
         for name in ("out_dir", "cache_dir"):
             path = getattr(self, name)
-            if path is not None and path.exists() and not path.is_dir():
-                problems.append(f"--{name.replace('_dir', '').replace('_', '-')} {str(path)!r} is a file, not a folder")
+            if path is not None and (problem := output_folder_problem(f"--{name.replace('_dir', '')}", path)):
+                problems.append(problem)
         if self.eval_split not in (None, "val", "test"):
             problems.append(f"--eval-split must be val or test, got {self.eval_split!r}")
         if not 1 <= self.dense_layers <= 8:

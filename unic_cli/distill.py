@@ -285,27 +285,34 @@ def _run(config, dist, device, *, resume, overwrite, hooks, timer) -> RunResult:
     # from any working directory (a requeued job, a new shell)
     config = dataclasses.replace(config, data_dir=Path(os.path.abspath(config.data_dir)))
     run_dir = config.out_dir
-    with contextlib.ExitStack() as stack:
-        problems = None
-        if dist.is_main:  # one process decides about the run folder; the others follow its verdict
-            try:
+    created = dist.is_main and not run_dir.exists()
+    try:
+        with contextlib.ExitStack() as stack:
+            problems = None
+            if dist.is_main:  # one process decides about the run folder; the others follow its verdict
                 try:
-                    run_dir.mkdir(parents=True, exist_ok=True)
-                except OSError as err:
-                    raise ConfigError(f"cannot create --out {str(run_dir)!r}: {err.strerror or err}") from None
-                stack.enter_context(_RunLock(run_dir))
-                ckpt, earlier_run = _prepare_run_dir(config, resume=resume, overwrite=overwrite,
-                                                     world_size=dist.world_size)
-            except ConfigError as err:
-                problems = err.problems
-                raise
-            finally:
-                distributed.broadcast_object(problems)
-        elif (problems := distributed.broadcast_object(None)) is not None:
-            raise ConfigError(problems)
-        else:
-            ckpt, earlier_run = (_load_resume_checkpoint(run_dir) if resume else None), []
-        return _train(config, dist, device, ckpt, earlier_run, hooks=hooks, timer=timer)
+                    try:
+                        run_dir.mkdir(parents=True, exist_ok=True)
+                    except OSError as err:
+                        raise ConfigError(f"cannot create --out {str(run_dir)!r}: {err.strerror or err}") from None
+                    stack.enter_context(_RunLock(run_dir))
+                    ckpt, earlier_run = _prepare_run_dir(config, resume=resume, overwrite=overwrite,
+                                                         world_size=dist.world_size)
+                except ConfigError as err:
+                    problems = err.problems
+                    raise
+                finally:
+                    distributed.broadcast_object(problems)
+            elif (problems := distributed.broadcast_object(None)) is not None:
+                raise ConfigError(problems)
+            else:
+                ckpt, earlier_run = (_load_resume_checkpoint(run_dir) if resume else None), []
+            return _train(config, dist, device, ckpt, earlier_run, hooks=hooks, timer=timer)
+    except BaseException:
+        if created:  # a start that failed (a teacher typo, bad data) leaves no empty folder behind
+            with contextlib.suppress(OSError):
+                run_dir.rmdir()
+        raise
 
 
 def _train(config, dist, device, ckpt, earlier_run, *, hooks, timer) -> RunResult:
