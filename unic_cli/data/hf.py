@@ -28,7 +28,7 @@ from pathlib import Path
 
 import numpy as np
 
-from unic_cli.data.source import describe_damaged
+from unic_cli.data.source import describe_damaged, warn_damaged
 from unic_cli.errors import DataError
 
 logger = logging.getLogger("unic_cli")
@@ -139,11 +139,7 @@ class ArrowDiskSource(_LazyFiles):
         if damaged and not self.files:
             raise DataError(f"No readable rows in the Hugging Face dataset {self.root!r}: "
                             f"{describe_damaged(damaged)}; copy the folder again or re-create it with save_to_disk.")
-        for path, problem, num_rows in damaged:
-            if num_rows:
-                logger.warning("Arrow file %s is unreadable after %d rows (%s); using those", path, num_rows, problem)
-            else:
-                logger.warning("Arrow file %s is unreadable (%s); skipping it", path, problem)
+        warn_damaged(damaged, what="Arrow file", unit="rows")
         self.column = column
         self._batches_F = np.asarray(batches, dtype=np.int64)  # complete record batches per file
         self._start_U = np.asarray(starts, dtype=np.int64)  # one chunk per file

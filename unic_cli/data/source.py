@@ -103,6 +103,15 @@ def describe_damaged(damaged: Sequence[tuple]) -> str:
     return f"{len(damaged)} files are damaged: {', '.join(f'{d[0]} ({d[1]})' for d in damaged[:3])}{more}"
 
 
+def warn_damaged(damaged: Sequence[tuple[str, str, int]], *, what: str, unit: str) -> None:
+    """One warning per damaged file of a source that still has readable items: (path, why, items kept)."""
+    for path, problem, kept in damaged:
+        if kept:
+            logger.warning("%s %s is unreadable after %d %s (%s); using those", what, path, kept, unit, problem)
+        else:
+            logger.warning("%s %s is unreadable (%s); skipping it", what, path, problem)
+
+
 def _tar_end_problem(shard: str, offset: int) -> str | None:
     """Why a tar archive whose last header ended at `offset` did not end properly; None if it did.
 
@@ -173,11 +182,7 @@ class TarIndex:
         if damaged and not shard_ids:
             raise DataError(f"No readable sample in the tar shard(s) {self.root}: {describe_damaged(damaged)}; "
                             f"copy or write {'them' if len(damaged) > 1 else 'it'} again.")
-        for shard, problem, kept in damaged:
-            if kept:
-                logger.warning("Tar shard %s is unreadable after %d samples (%s); using those", shard, kept, problem)
-            else:
-                logger.warning("Tar shard %s is unreadable (%s); skipping it", shard, problem)
+        warn_damaged(damaged, what="Tar shard", unit="samples")
         self._shard_N = np.asarray(shard_ids, dtype=np.int32)
         self._offset_N = np.asarray(offsets, dtype=np.int64)
         self._size_N = np.asarray(sizes, dtype=np.int64)
