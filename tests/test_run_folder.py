@@ -87,8 +87,11 @@ def test_resume__counters_metrics_and_weights_continue_exactly(tiny_teachers, me
     _rewind(tmp_path / "resumed", 2)
     with (tmp_path / "resumed" / "metrics.jsonl").open("a") as f:
         f.write('{"step": 3, "loss": 0.7')  # a line cut short by a crash
+    stale = tmp_path / "resumed" / "checkpoints" / ".step_0000004.pt.tmp4242"  # a save killed mid-write
+    stale.write_bytes(b"half")
     resumed = run(replace(straight, out_dir=tmp_path / "resumed"), resume=True)
     assert resumed.step == 4 and _metrics(tmp_path / "resumed") == _metrics(tmp_path / "straight")
+    assert not stale.exists()
     a = torch.load(tmp_path / "straight" / "checkpoints" / "last.pt", weights_only=True)
     b = torch.load(tmp_path / "resumed" / "checkpoints" / "last.pt", weights_only=True)
     assert a["counters"] == b["counters"] and a["counters"]["skipped_images"] > 0

@@ -33,6 +33,31 @@ def _atomic_torch_save(obj: dict, path: Path) -> None:
         f.flush()
         os.fsync(f.fileno())  # the rename must never expose a half-written file after a crash
     os.replace(tmp, path)
+    _fsync_dir(path.parent)
+
+
+def _fsync_dir(folder: Path) -> None:
+    """Make a rename in `folder` durable (POSIX: the directory entry is data of the directory)."""
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:  # e.g. Windows cannot open a directory
+        return
+    try:
+        os.fsync(fd)
+    except OSError:  # some filesystems refuse fsync on directories
+        pass
+    finally:
+        os.close(fd)
+
+
+def remove_stale_temporaries(run_dir: Path) -> list[Path]:
+    """Delete the half-written `.*.tmp*` files a killed save left in `checkpoints/` (call with the run folder
+    locked, so that no live save is among them); returns what was removed."""
+    folder = checkpoint_dir(run_dir)
+    stale = sorted(folder.glob(".*.tmp*")) if folder.is_dir() else []
+    for path in stale:
+        path.unlink(missing_ok=True)
+    return stale
 
 
 def save_checkpoint(payload: dict, run_dir: Path, *, keep: int = 0) -> Path:
@@ -48,6 +73,7 @@ def save_checkpoint(payload: dict, run_dir: Path, *, keep: int = 0) -> Path:
     except OSError:
         shutil.copyfile(path, tmp_last)
     os.replace(tmp_last, folder / LAST)
+    _fsync_dir(folder)
     if keep > 0:
         for old in sorted(folder.glob("step_*.pt"))[:-keep]:
             old.unlink()

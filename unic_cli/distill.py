@@ -32,7 +32,8 @@ from pathlib import Path
 import torch
 
 from unic_cli import __version__
-from unic_cli.checkpoint import find_checkpoint, load_checkpoint, restore_rng_states, rng_states, save_checkpoint
+from unic_cli.checkpoint import (find_checkpoint, load_checkpoint, remove_stale_temporaries, restore_rng_states,
+                                 rng_states, save_checkpoint)
 from unic_cli.config import DistillConfig
 from unic_cli import distributed
 from unic_cli.distributed import all_reduce_mean_, dist_info
@@ -208,10 +209,10 @@ def _load_resume_checkpoint(run_dir: Path) -> dict:
 
 
 def _clear_run_files(paths: list[Path]) -> None:
-    """--overwrite: delete the earlier run (its checkpoints, half-written temporaries included, and its logs)."""
+    """--overwrite: delete the earlier run (its checkpoints and its logs)."""
     for path in paths:
         if path.is_dir():
-            for f in (*path.glob("*.pt"), *path.glob(".*.tmp*")):
+            for f in path.glob("*.pt"):  # half-written temporaries: remove_stale_temporaries, right after
                 f.unlink(missing_ok=True)
         else:
             path.unlink(missing_ok=True)
@@ -361,6 +362,9 @@ def _train(config, dist, device, ckpt, earlier_run, *, hooks, timer) -> RunResul
         del ckpt  # free the host copy of the weights
     if dist.is_main:  # everything is built: only now may an earlier run (--overwrite) go
         _clear_run_files(earlier_run)
+        if stale := remove_stale_temporaries(run_dir):  # a save killed mid-write (kill -9, out of memory)
+            log.warning("removed %d half-written checkpoint file(s) of an interrupted save: %s", len(stale),
+                        ", ".join(p.name for p in stale))
         _write_text_atomic(run_dir / "config.toml", config.to_toml())
         _write_text_atomic(run_dir / "run.json", json.dumps({**info, "total_steps": num_steps}, indent=2) + "\n")
 
