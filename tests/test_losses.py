@@ -51,8 +51,22 @@ def test_teacher_drop_coefficients__seeded_and_off_at_zero():
     assert teacher_drop_coefficients(loss_TB, 0.0, None).eq(1).all()
 
 
-def test_weighted_loss__every_image_counts_equally():
-    loss_TB = torch.tensor([[1.0, 2.0], [3.0, 4.0]])
+def test_weighted_loss__eq4_a_kept_teacher_weighs_one_whatever_else_the_image_kept():
+    loss_TB = torch.tensor([[1.0, 2.0], [3.0, 4.0]], requires_grad=True)
     assert weighted_loss(loss_TB, torch.ones(2, 2)).item() == pytest.approx(2.5)
     alpha_TB = torch.tensor([[1.0, 0.0], [1.0, 1.0]])  # image 0 keeps both, image 1 keeps t1 only
-    assert weighted_loss(loss_TB, alpha_TB).item() == pytest.approx((2.0 + 4.0) / 2)
+    loss = weighted_loss(loss_TB, alpha_TB)
+    assert loss.item() == pytest.approx((1.0 + 3.0 + 4.0) / 4)  # Eq. 2 summed per image, / (T x B)
+    loss.backward()
+    # every kept pair has the same weight: image 1's lone teacher is not up-weighted (a per-image mean would
+    # give it 1/2 against 1/4 for each of image 0's)
+    torch.testing.assert_close(loss_TB.grad, alpha_TB / 4)
+
+
+def test_weighted_loss__expected_weight_of_the_hardest_teacher_is_eq4s():
+    # T=2, p=0.5: the hardest teacher is always kept, the other half of the time -> expected weights 1 : 0.5
+    g = torch.Generator().manual_seed(0)
+    loss_TB = torch.stack([torch.full((20000,), 2.0), torch.ones(20000)]).requires_grad_()
+    weighted_loss(loss_TB, teacher_drop_coefficients(loss_TB, 0.5, g)).backward()
+    ratio = loss_TB.grad[0].mean() / loss_TB.grad[1].mean()
+    assert ratio.item() == pytest.approx(2.0, rel=0.03)

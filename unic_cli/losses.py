@@ -5,8 +5,8 @@ Shape legend: B batch, N patch tokens, E a teacher's token width, T teachers, M 
 UNIC paper Eq. 1-2: per token, 0.5 * (1 - cos) + 0.5 * smooth-L1 (beta 1, averaged over channels); patch losses
 are averaged over tokens, and the summary and patch losses of a teacher are averaged (as the official code does)
 into one loss per (teacher, image). Eq. 4, teacher dropping: per image the teacher with the largest loss is kept
-and every other teacher is dropped with probability p;
-the kept teachers of an image share its loss equally and every image counts equally.
+and every other teacher is dropped with probability p; every kept (teacher, image) pair weighs the same in the
+batch loss (Eq. 2 with alpha in {0, 1}).
 """
 
 from __future__ import annotations
@@ -76,10 +76,12 @@ def teacher_drop_coefficients(loss_TB: torch.Tensor, drop_prob: float, generator
 
 
 def weighted_loss(loss_TB: torch.Tensor, alpha_TB: torch.Tensor) -> torch.Tensor:
-    """Mean over images of each image's mean kept-teacher loss: every image counts equally.
+    """Eq. 2 with Eq. 4's coefficients: sum over teachers of alpha * loss, per image, averaged with a constant
+    normaliser (teachers x images), so a kept teacher weighs 1 and a dropped one 0, whatever else the image kept.
 
-    (The official code divides by the total number of kept pairs instead, so an image that keeps two teachers
-    weighs twice as much as one that keeps one; its own comment states the per-image intent implemented here.)
-    Without dropping (alpha all ones) both equal the mean over teachers and images.
+    The constant normaliser keeps Eq. 4's balance (for T=2, p=0.5 the hardest teacher gets twice the expected
+    weight of the other, not three times as a per-image normaliser would give) and makes N processes sum to
+    exactly what one process with an N-times batch computes. With dropping the value reads lower than the
+    kept-pair mean (dropped pairs count as 0); without it, it is the mean over teachers and images.
     """
-    return ((alpha_TB * loss_TB).sum(dim=0) / alpha_TB.sum(dim=0)).mean()
+    return (alpha_TB * loss_TB).mean()

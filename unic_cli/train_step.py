@@ -21,6 +21,7 @@ from unic_cli import distributed
 from unic_cli.config import DistillConfig
 from unic_cli.distributed import DistInfo, all_reduce_mean_
 from unic_cli.losses import teacher_drop_coefficients, weighted_loss
+from unic_cli.schedule import micro_batch_momentum
 
 
 CUDA_GRAPH_MODES = ("max-autotune", "reduce-overhead")  # torch.compile modes that capture CUDA graphs
@@ -125,6 +126,7 @@ def forward_backward(tr: Trainer, batches, momentum: float, timer,
     `stop_requested` is asked after the last micro-batch (a signal during the step stops the run after it)."""
     config, dist = tr.config, tr.dist
     accum = config.grad_accum_steps
+    micro_momentum = micro_batch_momentum(momentum, accum)  # the statistics update once per micro-batch
     loss_sum = metrics_sum_TM = coeff_sum_T = 0.0
     num_images = num_skipped = 0
     cuda_graphs = config.compile and config.compile_mode in CUDA_GRAPH_MODES
@@ -143,7 +145,7 @@ def forward_backward(tr: Trainer, batches, momentum: float, timer,
             with timer("student"):
                 preds = tr.model(images_BCHW)
             with timer("loss"):
-                out = tr.core.losses(preds, targets, momentum)
+                out = tr.core.losses(preds, targets, micro_momentum)
                 alpha_TB = teacher_drop_coefficients(
                     out.loss_TB, config.teacher_drop_prob, tr.generator,
                     global_batch=config.batch_size * dist.world_size, offset=config.batch_size * dist.rank)
