@@ -171,3 +171,14 @@ def test_run__real_teachers_on_real_images_losses_fall(shared_data, tmp_path):
         print(f"{key} {rows[-1]['teachers'][key]['name']}: loss {start:.4f} -> {end:.4f}")
         assert end < 0.9 * start
     assert (tmp_path / "real" / "losses.png").is_file() and (tmp_path / "real" / "teacher_coefficients.png").is_file()
+
+
+def test_config__local_weights_may_be_a_folder(tiny_hf_dinov2, tiny_images, tmp_path):
+    from unic_cli.errors import ConfigError
+
+    # an HF save_pretrained folder as SPEC=PATH passes validation (its contents are checked when it loads)
+    DistillConfig.from_sources(None, dict(teachers=(f"dinov2_s_hf={tiny_hf_dinov2}",), data_dir=tiny_images,
+                                          out_dir=tmp_path / "r")).validate()
+    with pytest.raises(ConfigError, match=r"weights '.*missing' do not exist"):
+        DistillConfig.from_sources(None, dict(teachers=(f"dinov2_s_hf={tmp_path / 'missing'}",),
+                                              data_dir=tiny_images, out_dir=tmp_path / "r")).validate()

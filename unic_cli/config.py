@@ -309,8 +309,9 @@ class DistillConfig(CommandConfig):
                 spec = parse_teacher_spec(text)
                 if spec.source == "alias":  # explicit specs are checked when their library loads them
                     get_card(spec.target)
-                if spec.weights is not None and not spec.weights.is_file():
-                    problems.append(f"teacher {text!r}: weights file {str(spec.weights)!r} does not exist")
+                # a file, or a folder (HF save_pretrained; a folder with one weight file): checked in detail on load
+                if spec.weights is not None and not spec.weights.expanduser().exists():
+                    problems.append(f"teacher {text!r}: weights {str(spec.weights)!r} do not exist")
             except UnicError as err:
                 problems.append(str(err))
         if dupes := sorted({t for t in self.teachers if self.teachers.count(t) > 1}):
