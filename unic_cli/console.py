@@ -6,6 +6,7 @@ import logging
 
 from rich.console import Console
 from rich.logging import RichHandler
+from rich.markup import escape
 
 from unic_cli.errors import UnicError
 
@@ -15,7 +16,8 @@ err_console = Console(stderr=True, highlight=False)
 
 def print_error(err: UnicError) -> None:
     """One clear message on stderr, no traceback."""
-    err_console.print(f"[bold red]Error:[/] {err}", markup=True, soft_wrap=True, highlight=False)
+    # the message is plain text: escaped, so a "[...]" in it (a shape, a list of names) is printed, not markup
+    err_console.print(f"[bold red]Error:[/] {escape(str(err))}", markup=True, soft_wrap=True, highlight=False)
 
 
 def setup_logging(verbose: bool = False) -> None:

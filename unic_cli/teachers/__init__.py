@@ -7,11 +7,16 @@ transformers or open_clip.
 from __future__ import annotations
 
 import importlib
+import logging
 
-from unic_cli.registry import TeacherCard, TeacherSpec, apply_overrides, get_card, parse_teacher_spec
+from unic_cli.errors import RegistryError, WeightsError
+from unic_cli.registry import TeacherCard, TeacherSpec, apply_overrides, card_path, get_card, parse_teacher_spec
 from unic_cli.teachers.base import Teacher, TeacherTokens
 
-__all__ = ["Teacher", "TeacherTokens", "check_teacher", "load_teacher", "resolve_card"]
+log = logging.getLogger("unic_cli")
+_warned: set[str] = set()  # specs whose no-effect override was already reported (distill, bench: once each)
+
+__all__ = ["Teacher", "TeacherTokens", "check_teacher", "load_teacher", "resolve_card", "token_shape_problem"]
 
 # source -> "module:function"; each function is (card, spec, *, pretrained) -> nn.Module implementing Backbone,
 # and each module also has card_from_spec(spec) -> TeacherCard for explicit specs without a card.
@@ -54,8 +59,34 @@ def load_teacher(
     """
     spec = parse_teacher_spec(spec) if isinstance(spec, str) else spec
     card = resolve_card(spec)
-    backbone = _adapter(card.source).build_backbone(card, spec, pretrained=pretrained)
-    return Teacher(card, backbone, grid=grid).to(device)
+    try:
+        backbone = _adapter(card.source).build_backbone(card, spec, pretrained=pretrained)
+    except WeightsError as err:
+        where = card_path(card.alias) if spec.source == "alias" and spec.weights is None and card.weights else None
+        if where is None:
+            raise
+        raise WeightsError(f"{err} (the `weights` of card {where}; a relative path is read from the card's "
+                           "folder)") from None
+    teacher = Teacher(card, backbone, grid=grid).to(device)
+    if grid is not None and card.family == "vit" and "image_size" in spec.overrides and spec.text not in _warned:
+        _warned.add(spec.text)
+        log.warning(
+            "teacher %s: ?image_size=%s has no effect here: a ViT teacher sees the student's grid times its patch "
+            "size (%dx%d px); image_size sets only its native input (`unic probe`, `teachers show` without a "
+            "student) and a ConvNet's input", spec.text, spec.overrides["image_size"], *teacher.input_size,
+        )
+    return teacher
+
+
+def token_shape_problem(card: TeacherCard, grid: tuple[int, int], shapes: dict, batch_size: int) -> str | None:
+    """Why token `shapes` ({"summary": [B, Ds] or None, "patch": [B, N, Dp]}) break `card` on `grid`, or None."""
+    expected = {"summary": [batch_size, card.summary_dim] if card.has_summary else None,
+                "patch": [batch_size, grid[0] * grid[1], card.patch_dim]}
+    if shapes == expected:
+        return None
+    return (f"teacher {card.alias!r} returned summary {shapes['summary']}, patch {shapes['patch']} for a batch of "
+            f"{batch_size} on a {grid[0]}x{grid[1]} grid; its card promises summary {expected['summary']}, patch "
+            f"{expected['patch']} (fix {card_path(card.alias) or 'the spec or the model'})")
 
 
 def check_teacher(
@@ -69,7 +100,7 @@ def check_teacher(
     """Load a teacher and run one batch of blank images through it: what `unic teachers check` reports.
 
     Returns the card, the input size and grid, the token shapes and dtype, the parameter count, and the
-    seconds spent loading and running.
+    seconds spent loading and running. Raises RegistryError when the token shapes differ from the card's.
     """
     import time
 
@@ -82,6 +113,9 @@ def check_teacher(
     tokens = teacher(images_BCHW)
     shapes = {"summary": None if tokens.summary_BD is None else list(tokens.summary_BD.shape),
               "patch": list(tokens.patch_BND.shape)}
+    problem = token_shape_problem(teacher.card, teacher.grid, shapes, batch_size)
+    if problem:
+        raise RegistryError(problem)
     return {
         "card": teacher.card.to_dict(),
         "input_size": list(teacher.input_size),

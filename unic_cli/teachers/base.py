@@ -88,7 +88,8 @@ class Teacher(nn.Module):
 
     def precision(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.autocast]:
         """(preprocessed pixels in the backbone's dtype, the autocast context to run the backbone under)."""
-        weight_dtype = next(self.backbone.parameters()).dtype
+        weight = next(self.backbone.parameters(), None)  # a parameter-free module (pooling) runs in fp32
+        weight_dtype = torch.float32 if weight is None else weight.dtype
         if weight_dtype != torch.float32:  # converted weights: run in their dtype, nothing to autocast
             return x.to(weight_dtype), torch.autocast(x.device.type, enabled=False)
         return x, torch.autocast("cuda", dtype=torch.bfloat16, enabled=x.is_cuda)

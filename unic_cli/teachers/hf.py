@@ -18,6 +18,7 @@ import inspect
 import json
 import logging
 import re
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -26,7 +27,16 @@ from torch import nn
 from unic_cli.errors import RegistryError, UnknownTeacherError, WeightsError
 from unic_cli.registry import TeacherCard, TeacherSpec
 from unic_cli.teachers.timm import TimmTeacher, card_from_model
-from unic_cli.teachers.weights import hub_error, load_into, read_state_dict, resolve_weights_ref, strip_common_prefix
+from unic_cli.teachers.weights import (
+    hub_error,
+    hub_reachable,
+    mismatch_error,
+    offline_hint,
+    quiet_hub_retries,
+    read_state_dict,
+    resolve_weights_ref,
+    strip_common_prefix,
+)
 
 log = logging.getLogger("unic_cli")
 
@@ -124,22 +134,37 @@ def _is_local(model_id: str) -> bool:
     return model_id.startswith(("/", "./", "../", "~")) or Path(model_id).expanduser().is_dir()
 
 
-def _read_json(model_id: str, filename: str, revision: str | None) -> dict | None:
-    """A small json file from a local folder or the hub cache/download; None when absent or unreachable."""
-    text = _read_text(model_id, filename, revision)
-    return json.loads(text) if text else None
-
-
 def _read_text(model_id: str, filename: str, revision: str | None) -> str | None:
     if _is_local(model_id):
         path = Path(model_id).expanduser() / filename
         return path.read_text(encoding="utf-8") if path.is_file() else None
-    from huggingface_hub import hf_hub_download
+    from huggingface_hub import hf_hub_download, try_to_load_from_cache
 
+    if not hub_reachable():  # the same None as a failed download, without half a minute of retries
+        cached = try_to_load_from_cache(model_id, filename, revision=revision)
+        return Path(cached).read_text(encoding="utf-8") if isinstance(cached, str) else None
     try:
-        return Path(hf_hub_download(model_id, filename, revision=revision)).read_text(encoding="utf-8")
+        with quiet_hub_retries(f"{model_id}/{filename}"):
+            path = hf_hub_download(model_id, filename, revision=revision)
+        return Path(path).read_text(encoding="utf-8")
     except Exception:  # absent file, gated repo or no network: these files only refine the card
         return None
+
+
+_CONFIG_FIX = (
+    "Without hub access, pass a folder written by save_pretrained (config.json and the weights), or a weights "
+    "file with the repository's config.json next to it: --teachers '{alias}=/path/to/folder'; the card and the "
+    "architecture (also for --random-init) are then read from that folder."
+)
+
+
+def local_config_folder(ref) -> Path | None:
+    """The folder with the config.json of local HF weights: a save_pretrained folder, or a weights file's folder."""
+    if ref is None or str(ref).startswith("pypi:"):
+        return None
+    path = Path(str(ref)).expanduser()
+    folder = path if path.is_dir() else path.parent if path.is_file() else None
+    return folder if folder is not None and (folder / "config.json").is_file() else None
 
 
 def load_config(model_id: str, *, revision: str | None, trust_remote_code: bool, alias: str):
@@ -152,7 +177,10 @@ def load_config(model_id: str, *, revision: str | None, trust_remote_code: bool,
             "model.save_pretrained(folder))"
         )
     try:
-        config = AutoConfig.from_pretrained(model_id, revision=revision, trust_remote_code=trust_remote_code)
+        with quiet_hub_retries(f"the config of {model_id}"):
+            # an unreachable hub: the cache only, failing at once instead of after huggingface_hub's retries
+            config = AutoConfig.from_pretrained(model_id, revision=revision, trust_remote_code=trust_remote_code,
+                                                local_files_only=not _is_local(model_id) and not hub_reachable())
         if config.model_type == "timm_wrapper" and "num_classes" in (config.model_args or {}):
             # timm's save_for_hf writes num_classes into model_args too; TimmWrapperModel then passes it twice
             config.model_args = {k: v for k, v in config.model_args.items() if k != "num_classes"}
@@ -160,7 +188,8 @@ def load_config(model_id: str, *, revision: str | None, trust_remote_code: bool,
     except OSError as err:
         if _is_local(model_id):
             raise UnknownTeacherError(f"teacher {alias!r}: cannot read {model_id}/config.json ({err})") from None
-        raise hub_error(alias, f"hf:{model_id}" + (f"@{revision}" if revision else ""), err) from None
+        raise hub_error(alias, f"hf:{model_id}" + (f"@{revision}" if revision else ""), err, what="config",
+                        fix=_CONFIG_FIX.format(alias=alias)) from None
     except ValueError as err:
         if "trust_remote_code" in str(err):
             raise UnknownTeacherError(
@@ -180,31 +209,67 @@ def _timm_from_wrapper_config(config) -> nn.Module:
 
 
 def create_model(card: TeacherCard, spec: TeacherSpec, *, pretrained: bool) -> nn.Module:
-    """The transformers model for a card: hub or local folder, or built from its config plus a local weights file."""
+    """The transformers model for a card: hub or local folder, or built from its config plus a local weights file.
+
+    Local weights with a config.json beside them (a save_pretrained folder, or a file in one) give the
+    architecture for random init too, so no hub access is needed.
+    """
     from transformers import AutoModel
 
     local = spec.weights if spec.weights is not None else card.weights
+    folder = local_config_folder(local)
     trust = spec.trust_remote_code
-    if pretrained and local is not None and Path(str(local)).expanduser().is_dir() \
-            and (Path(str(local)).expanduser() / "config.json").is_file():
-        return _from_pretrained(AutoModel, str(Path(str(local)).expanduser()), card, None, trust)
+    if pretrained and folder is not None and Path(str(local)).expanduser().is_dir():
+        return _from_pretrained(AutoModel, str(folder), card, None, trust)
     if pretrained and local is None:
         return _from_pretrained(AutoModel, card.model_id, card, card.pretrained_tag, trust)
-    config = _config_for(card, local if pretrained else None, trust)
-    model = AutoModel.from_config(config, trust_remote_code=trust)
-    if pretrained:
-        path = resolve_weights_ref(local)
-        state = read_state_dict(path)
-        expected = model.state_dict()
-        state = strip_common_prefix(state, expected)
-        if not set(state) & set(expected):  # a bare timm or vision-tower state dict: add the wrapper's prefix
-            for prefix in (getattr(model, "base_model_prefix", ""), "vision_model"):
-                if prefix and set(f"{prefix}.{k}" for k in state) & set(expected):
-                    state = {f"{prefix}.{k}": v for k, v in state.items()}
-                    break
-        load_into(model, state, origin=str(path), optional=_optional_key(model))
-        log.info("teacher %s: loaded %s", card.alias, path)
+    config = _config_for(card, folder, local, trust)
+    if not pretrained:
+        return AutoModel.from_config(config, trust_remote_code=trust)
+    return _from_weights_file(card, config, resolve_weights_ref(local), trust)
+
+
+def _from_weights_file(card: TeacherCard, config, path: Path, trust: bool) -> nn.Module:
+    """Load a weights file through transformers' own loading, which renames checkpoint keys to the model's.
+
+    transformers 5 renames keys when it loads (DINOv2's `attention.attention.query` -> `attention.q_proj`) and
+    writes the old names when it saves, so a raw strict load would refuse the very file save_pretrained wrote.
+    The file must still fill the model exactly: missing, unexpected or misshapen keys are one error.
+    """
+    from transformers import AutoModel
+
+    with torch.device("meta"):  # the key layout only; no memory, no init
+        skeleton = AutoModel.from_config(config, trust_remote_code=trust)
+    expected = skeleton.state_dict()
+    state = strip_common_prefix(read_state_dict(path), expected)
+    if not set(state) & set(expected):  # a bare timm or vision-tower state dict: add the wrapper's prefix
+        for prefix in (getattr(skeleton, "base_model_prefix", ""), "vision_model"):
+            if prefix and set(f"{prefix}.{k}" for k in state) & set(expected):
+                state = {f"{prefix}.{k}": v for k, v in state.items()}
+                break
+    optional = _optional_key(skeleton)
+    with _quiet_transformers():  # its load report would repeat, less clearly, the error raised below
+        model, info = type(skeleton).from_pretrained(None, config=config, state_dict=state, output_loading_info=True,
+                                                     ignore_mismatched_sizes=True)
+    missing = sorted(k for k in info["missing_keys"] if not optional(k))
+    unexpected = sorted(k for k in info["unexpected_keys"] if not optional(k))
+    mismatched = [f"{k} (file {tuple(a)}, model {tuple(b)})" for k, a, b in sorted(info["mismatched_keys"])]
+    if missing or unexpected or mismatched:
+        raise mismatch_error(type(model).__name__, str(path), missing, unexpected, mismatched)
+    log.info("teacher %s: loaded %s", card.alias, path)
     return model
+
+
+@contextmanager
+def _quiet_transformers():
+    from transformers.utils import logging as hf_logging
+
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()
+    try:
+        yield
+    finally:
+        hf_logging.set_verbosity(verbosity)
 
 
 def _optional_key(model: nn.Module):
@@ -216,28 +281,30 @@ def _optional_key(model: nn.Module):
     return lambda k: False
 
 
-def _config_for(card: TeacherCard, local, trust: bool):
-    """The config for building without hub weights: next to a local weights file, else the hub (or its cache)."""
-    if local is not None:
-        folder = Path(str(local)).expanduser()
-        folder = folder if folder.is_dir() else folder.parent
-        if (folder / "config.json").is_file():
-            return load_config(str(folder), revision=None, trust_remote_code=trust, alias=card.alias)
+def _config_for(card: TeacherCard, folder: Path | None, local, trust: bool):
+    """The config for building without hub weights: beside the local weights, else the hub (or its cache)."""
+    if folder is not None:
+        return load_config(str(folder), revision=None, trust_remote_code=trust, alias=card.alias)
     try:
         return load_config(card.model_id, revision=card.pretrained_tag, trust_remote_code=trust, alias=card.alias)
-    except WeightsError:
+    except WeightsError as err:
+        if local is None or str(local).startswith("pypi:"):
+            raise
+        cannot = str(err).splitlines()[0]  # "cannot download the config of teacher ...: reason"
         raise WeightsError(
-            f"teacher {card.alias!r} needs the HF config of {card.model_id} to build its architecture, and the hub "
-            "is unreachable. Put the repository's config.json next to the weights file, or pass the whole folder "
-            f"saved with save_pretrained: --teachers '{card.alias}=/path/to/folder'"
+            f"{cannot}\nThe architecture comes from that config, and there is no config.json next to "
+            f"{str(local)!r}: put the repository's config.json there, or pass the whole folder written by "
+            f"save_pretrained: --teachers '{card.alias}=/path/to/folder'{offline_hint()}"
         ) from None
 
 
 def _from_pretrained(auto_cls, model_id: str, card: TeacherCard, revision: str | None, trust: bool) -> nn.Module:
     config = load_config(model_id, revision=revision, trust_remote_code=trust, alias=card.alias)
     try:
-        model, info = auto_cls.from_pretrained(model_id, config=config, revision=revision, trust_remote_code=trust,
-                                               output_loading_info=True)
+        with quiet_hub_retries(f"the weights of {model_id}"):
+            model, info = auto_cls.from_pretrained(model_id, config=config, revision=revision,
+                                                   trust_remote_code=trust, output_loading_info=True,
+                                                   local_files_only=not _is_local(model_id) and not hub_reachable())
     except OSError as err:
         if _is_local(model_id):
             raise WeightsError(f"teacher {card.alias!r}: cannot load the folder {model_id}: {err}") from None
@@ -266,8 +333,16 @@ def build_backbone(card: TeacherCard, spec: TeacherSpec, *, pretrained: bool) ->
     return HfTeacher(card, create_model(card, spec, pretrained=pretrained))
 
 
-def _license(model_id: str, revision: str | None) -> str:
-    text = _read_text(model_id, "README.md", revision) or ""
+def _read_extra(source: str, model_id: str, revision: str | None, filename: str) -> str | None:
+    """A file that refines the card: from the local weights' folder, else from the model the spec names."""
+    text = _read_text(source, filename, None if source != model_id else revision)
+    if text is None and source != model_id:
+        text = _read_text(model_id, filename, revision)
+    return text
+
+
+def _license(text: str | None) -> str:
+    text = text or ""
     front = text.split("---", 2)[1] if text.startswith("---") and text.count("---") >= 2 else ""
     match = re.search(r"^license:\s*([\w.\-]+)\s*$", front, flags=re.MULTILINE)
     return match.group(1) if match else "unknown"
@@ -277,13 +352,17 @@ def card_from_spec(spec: TeacherSpec) -> TeacherCard:
     """A card for `hf:ORG/NAME[@REVISION]` or `hf:/local/folder`, from config.json and preprocessor_config.json."""
     model_id, _, revision = spec.target.partition("@")
     revision = revision or None
-    config = load_config(model_id, revision=revision, trust_remote_code=spec.trust_remote_code, alias=spec.name)
+    # local weights with their config.json: the card comes from there, so no hub access is needed
+    folder = local_config_folder(spec.weights)
+    source, source_revision = (str(folder), None) if folder is not None else (model_id, revision)
+    config = load_config(source, revision=source_revision, trust_remote_code=spec.trust_remote_code, alias=spec.name)
     if config.model_type == "timm_wrapper":
         with torch.device("meta"):
             timm_model = _timm_from_wrapper_config(config)
         card = card_from_model(timm_model, alias=spec.name, model_id=model_id, pretrained_tag=revision, source="hf",
                                pretrained_cfg=config.pretrained_cfg or {})
-        return TeacherCard.from_dict({**card.to_dict(), "license": _license(model_id, revision)}, origin=spec.text)
+        license_ = _license(_read_extra(source, model_id, revision, "README.md"))
+        return TeacherCard.from_dict({**card.to_dict(), "license": license_}, origin=spec.text)
     vcfg = _vision_config(config)
     for name in ("hidden_size", "patch_size", "image_size"):
         if not hasattr(vcfg, name):
@@ -298,11 +377,13 @@ def card_from_spec(spec: TeacherSpec) -> TeacherCard:
         tokens, summary_from = ["summary", "patch"], "pool"
     else:
         tokens, summary_from = ["patch"], "cls"
-    processor = _read_json(model_id, "preprocessor_config.json", revision) or {}
+    processor = _read_extra(source, model_id, revision, "preprocessor_config.json")
+    processor = json.loads(processor) if processor else {}
     mean = processor.get("image_mean") or _IMAGENET[0]
     std = processor.get("image_std") or _IMAGENET[1]
     if "image_mean" not in processor:
-        log.warning("teacher %s: no preprocessor_config.json found; assuming ImageNet mean/std", spec.name)
+        log.warning("teacher %s: no preprocessor_config.json in %s; assuming ImageNet mean/std (set them with "
+                    "?mean=...&std=...)", spec.name, source)
     patch_size, image_size = _as_int(vcfg.patch_size), _as_int(vcfg.image_size)
     return TeacherCard.from_dict(
         {
@@ -321,7 +402,7 @@ def card_from_spec(spec: TeacherSpec) -> TeacherCard:
             "mean": [float(v) for v in mean],
             "std": [float(v) for v in std],
             "interpolation": _RESAMPLE.get(processor.get("resample"), "bicubic"),
-            "license": _license(model_id, revision),
+            "license": _license(_read_extra(source, model_id, revision, "README.md")),
         },
         origin=f"teacher spec {spec.text!r}",
     )

@@ -25,7 +25,7 @@ from torch import nn
 from unic_cli.errors import RegistryError, UnknownTeacherError, WeightsError
 from unic_cli.registry import TeacherCard, TeacherSpec
 from unic_cli.teachers.timm import TimmTeacher, card_from_model
-from unic_cli.teachers.weights import hub_error, load_into, read_state_dict, resolve_weights_ref
+from unic_cli.teachers.weights import hub_error, load_into, quiet_hub_retries, read_state_dict, resolve_weights_ref
 
 log = logging.getLogger("unic_cli")
 
@@ -157,9 +157,12 @@ class OpenClipTeacher(nn.Module):
             clip.to(device)
         if self._tokenizer is None:
             try:
-                self._tokenizer = open_clip.get_tokenizer(self.card.model_id)
+                with quiet_hub_retries(f"the tokenizer of open_clip {self.card.model_id}"):
+                    self._tokenizer = open_clip.get_tokenizer(self.card.model_id)
             except OSError as err:  # HF tokenizers (SigLIP) are downloaded on first use
-                raise hub_error(self.card.alias, f"the tokenizer of open_clip {self.card.model_id}", err) from None
+                raise hub_error(self.card.alias, f"open_clip {self.card.model_id}", err, what="tokenizer",
+                                fix="Without hub access, run zero-shot on a machine that has the tokenizer in "
+                                    "its hub cache.") from None
         tokens = self._tokenizer(list(texts)).to(device)
         return clip.encode_text(tokens, normalize=True).float()
 
@@ -198,7 +201,8 @@ def _download(card: TeacherCard) -> str:
         )
     hub_id = f"open_clip {card.model_id}/{card.pretrained_tag} ({cfg.get('hf_hub') or cfg.get('url')})"
     try:
-        path = open_clip.download_pretrained(cfg)
+        with quiet_hub_retries(f"the weights of open_clip {card.model_id}/{card.pretrained_tag}"):
+            path = open_clip.download_pretrained(cfg)
     except Exception as err:  # hub, url and cache errors differ per backend; all mean "not downloadable"
         raise hub_error(card.alias, hub_id, err) from None
     if not path:
@@ -226,7 +230,13 @@ def create_model(card: TeacherCard, spec: TeacherSpec, *, pretrained: bool) -> t
     from open_clip.convert import convert_state_dict
     from open_clip.factory import resize_pos_embed
 
-    visual_only = not any(k.startswith("visual.") for k in state) and set(state) & set(model.visual.state_dict())
+    tower = set(model.visual.state_dict())
+    if all(k.startswith("visual.") for k in state) and {k.removeprefix("visual.") for k in state} & tower:
+        # the tower alone, cut out of a whole model's state dict with its `visual.` prefix kept
+        state = {k.removeprefix("visual."): v for k, v in state.items()}
+        visual_only = True
+    else:
+        visual_only = not any(k.startswith("visual.") for k in state) and bool(set(state) & tower)
     if not visual_only:  # a whole OpenCLIP checkpoint: open_clip's own conversions, then a strict load
         state = convert_state_dict(model, state)
         resize_pos_embed(state, model)

@@ -25,13 +25,14 @@ import importlib.util
 import inspect
 import logging
 import sys
+from collections.abc import Mapping
 from pathlib import Path
 
 import torch
 from torch import nn
 
-from unic_cli.errors import RegistryError, UnknownTeacherError
-from unic_cli.registry import CARD_FIELDS, TeacherCard, TeacherSpec, convert_overrides
+from unic_cli.errors import RegistryError, UnicError, UnknownTeacherError
+from unic_cli.registry import TeacherCard, TeacherSpec, card_problems, convert_overrides
 from unic_cli.teachers.weights import load_into, read_state_dict, resolve_weights_ref
 
 log = logging.getLogger("unic_cli")
@@ -43,6 +44,7 @@ def _load_callable(target: str, text: str):
     module_name, sep, attr = target.rpartition(":")
     if not sep or not module_name or not attr:
         raise UnknownTeacherError(f"teacher spec {text!r}: expected py:MODULE:CALLABLE, e.g. py:my_pkg.models:build")
+    name = module_name
     try:
         if module_name.endswith(".py"):
             path = Path(module_name).expanduser().resolve()
@@ -55,9 +57,18 @@ def _load_callable(target: str, text: str):
             module_spec.loader.exec_module(module)
         else:
             module = importlib.import_module(module_name)
-    except ImportError as err:
+    except UnknownTeacherError:
+        raise
+    except ModuleNotFoundError as err:
+        sys.modules.pop(name, None)
         raise UnknownTeacherError(
             f"teacher spec {text!r}: cannot import {module_name!r} ({err}); is it installed or on PYTHONPATH?"
+        ) from None
+    except Exception as err:  # user code: a syntax error, or anything raised at import time
+        sys.modules.pop(name, None)
+        log.debug("importing %s failed", module_name, exc_info=err)
+        raise UnknownTeacherError(
+            f"teacher spec {text!r}: importing {module_name!r} failed: {_describe(err)}"
         ) from None
     fn = getattr(module, attr, None)
     if not callable(fn):
@@ -65,9 +76,48 @@ def _load_callable(target: str, text: str):
     return fn
 
 
-def _build(fn, *, pretrained: bool, text: str) -> nn.Module:
-    takes_pretrained = "pretrained" in inspect.signature(fn).parameters
-    module = fn(pretrained=pretrained) if takes_pretrained else fn()
+def _describe(err: BaseException) -> str:
+    """`Type: message`, with the file and line of a syntax error (`unic -v` logs the traceback)."""
+    if isinstance(err, SyntaxError):
+        return f"SyntaxError: {err.msg} ({Path(err.filename or '?').name}, line {err.lineno})"
+    return f"{type(err).__name__}: {err}"
+
+
+def _takes_pretrained(fn) -> bool:
+    try:
+        return "pretrained" in inspect.signature(fn).parameters
+    except (TypeError, ValueError):  # builtins and some C callables have no signature
+        return False
+
+
+def _needs_arguments(fn) -> bool:
+    try:
+        params = inspect.signature(fn).parameters.values()
+    except (TypeError, ValueError):
+        return False
+    return any(p.default is p.empty and p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)
+               and p.name != "pretrained" for p in params)
+
+
+def _call(fn, *, pretrained: bool):
+    """Run the user's callable as it is (its errors propagate: the meta-device attempt relies on that)."""
+    return fn(pretrained=pretrained) if _takes_pretrained(fn) else fn()
+
+
+def _build(fn, *, pretrained: bool, text: str, module=None) -> nn.Module:
+    """Call the user's callable (unless `module` is already built) and check that it returned an nn.Module."""
+    if module is None:
+        try:
+            module = _call(fn, pretrained=pretrained)
+        except UnicError:
+            raise
+        except Exception as err:  # user code; -v shows the traceback
+            log.debug("calling the teacher callable failed", exc_info=err)
+            name = getattr(fn, "__name__", "the callable")
+            hint = " (the callable must take no arguments, or only `pretrained=`)" if _needs_arguments(fn) else ""
+            raise UnknownTeacherError(
+                f"teacher spec {text!r}: calling {name}() failed: {_describe(err)}{hint}"
+            ) from err
     if not isinstance(module, nn.Module):
         raise UnknownTeacherError(
             f"teacher spec {text!r}: the callable returned {type(module).__name__}, not an nn.Module"
@@ -91,6 +141,22 @@ def split_output(out, text: str) -> tuple[torch.Tensor | None, torch.Tensor]:
     )
 
 
+def _shape(x) -> str:
+    return str(list(x.shape)) if isinstance(x, torch.Tensor) else type(x).__name__
+
+
+def contract_problem(summary, patch, batch_size: int) -> str | None:
+    """Why (summary, patch) breaks the contract (summary [B, Ds]; patch [B, N, Dp] or [B, Dp, h, w]), or None."""
+    ok_patch = isinstance(patch, torch.Tensor) and patch.ndim in (3, 4) and patch.shape[0] == batch_size
+    ok_summary = summary is None or (isinstance(summary, torch.Tensor) and summary.ndim == 2
+                                     and summary.shape[0] == batch_size)
+    if ok_patch and ok_summary:
+        return None
+    return (f"forward returned summary {_shape(summary) if summary is not None else None}, patch {_shape(patch)} "
+            f"for a batch of {batch_size}; the contract is summary [B, Ds] (or none) and patch [B, N, Dp] or "
+            "[B, Dp, h, w], with B the batch size")
+
+
 def _patch_tokens(patch: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int] | None]:
     if patch.ndim == 4:
         return patch.flatten(2).transpose(1, 2), (patch.shape[-2], patch.shape[-1])
@@ -98,7 +164,8 @@ def _patch_tokens(patch: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int] | 
 
 
 class PyTeacher(nn.Module):
-    """A user module as a Backbone; shapes are checked against the card on every call (no host sync)."""
+    """A user module as a Backbone; shapes are checked against the contract and the card on every call (no host
+    sync)."""
 
     def __init__(self, card: TeacherCard, module: nn.Module) -> None:
         super().__init__()
@@ -107,6 +174,9 @@ class PyTeacher(nn.Module):
 
     def forward_tokens(self, images_BCHW: torch.Tensor):
         summary_BD, patch = split_output(self.module(images_BCHW), self.card.alias)
+        problem = contract_problem(summary_BD, patch, images_BCHW.shape[0])
+        if problem:
+            raise RegistryError(f"teacher {self.card.alias!r}: {problem}")
         patch_BND, grid = _patch_tokens(patch)
         if grid is None:
             grid = self.card.grid_for((images_BCHW.shape[-2], images_BCHW.shape[-1]))
@@ -145,6 +215,9 @@ def _measure(module: nn.Module, image_size: int, text: str) -> tuple[int | None,
     with torch.no_grad():
         x = torch.zeros(1, 3, image_size, image_size, device=next(module.parameters(), torch.empty(0)).device)
         summary, patch = split_output(module.eval()(x), text)
+    problem = contract_problem(summary, patch, 1)
+    if problem:
+        raise RegistryError(f"teacher spec {text!r}: {problem}")
     return (None if summary is None else int(summary.shape[-1])), int(patch.shape[1 if patch.ndim == 4 else -1])
 
 
@@ -153,14 +226,19 @@ def card_from_spec(spec: TeacherSpec) -> TeacherCard:
     fn = _load_callable(spec.target, spec.text)
     try:  # the meta device builds and runs the module without memory or compute; user code may not allow it
         with torch.device("meta"):
-            module = _build(fn, pretrained=False, text=spec.text)
-    except (RuntimeError, NotImplementedError, TypeError, ValueError):
-        module = _build(fn, pretrained=False, text=spec.text)
-    declared = dict(getattr(module, "unic_card", None) or {})
-    unknown = sorted(set(declared) - set(CARD_FIELDS))
-    if unknown:
-        raise RegistryError(f"teacher spec {spec.text!r}: unic_card has unknown field(s) {unknown}")
-    raw = {"license": "unknown", **declared, **convert_overrides(spec.overrides, origin=f"teacher spec {spec.text!r}"),
+            module = _call(fn, pretrained=False)
+    except Exception:  # anything user code raises on meta: build it for real, where errors are reported
+        module = None
+    on_meta = module is not None
+    module = _build(fn, pretrained=False, text=spec.text, module=module)
+    declared = getattr(module, "unic_card", None) or {}
+    if not isinstance(declared, Mapping):
+        raise RegistryError(f"teacher spec {spec.text!r}: unic_card must be a dict, got {type(declared).__name__}")
+    origin = f"teacher spec {spec.text!r}"
+    problems = card_problems(dict(declared))
+    if problems:
+        raise RegistryError(f"{origin}: unic_card: " + "; ".join(problems))
+    raw = {"license": "unknown", **declared, **convert_overrides(spec.overrides, origin=origin),
            "alias": spec.name, "source": "py", "model_id": spec.target}
     missing = [f for f in _REQUIRED if f not in raw]
     if missing:
@@ -169,20 +247,34 @@ def card_from_spec(spec: TeacherSpec) -> TeacherCard:
             f"teacher spec {spec.text!r} needs {', '.join(missing)}: add them to the spec "
             f"('{spec.name}?{example}', lists comma-separated) or set `unic_card = {{...}}` on the module"
         )
+    problems = card_problems(raw)  # before the test forward pass, which needs a valid image_size
+    if problems:
+        raise RegistryError(f"{origin}: " + "; ".join(problems))
     wants_summary = "summary" in raw.get("tokens", ("summary",))
     if "patch_dim" not in raw or (wants_summary and "summary_dim" not in raw):
         try:
             summary_dim, patch_dim = _measure(module, raw["image_size"], spec.text)
-        except (RuntimeError, NotImplementedError) as err:  # a module the meta device cannot run: measure on CPU
-            try:
+        except UnicError:
+            raise
+        except Exception as err:
+            if not on_meta:
+                raise _measure_error(spec.text, err) from err
+            try:  # a module the meta device cannot run: measure on the CPU
                 summary_dim, patch_dim = _measure(_build(fn, pretrained=False, text=spec.text), raw["image_size"],
                                                   spec.text)
-            except Exception:
-                raise RegistryError(
-                    f"teacher spec {spec.text!r}: measuring the token widths with a test forward pass failed ({err}); "
-                    "give patch_dim (and summary_dim) in the spec or in unic_card"
-                ) from None
+            except UnicError:
+                raise
+            except Exception as err:
+                raise _measure_error(spec.text, err) from err
         raw.setdefault("patch_dim", patch_dim)
         raw.setdefault("summary_dim", summary_dim)
         raw.setdefault("tokens", ["summary", "patch"] if raw["summary_dim"] else ["patch"])
-    return TeacherCard.from_dict(raw, origin=f"teacher spec {spec.text!r}")
+    return TeacherCard.from_dict(raw, origin=origin)
+
+
+def _measure_error(text: str, err: BaseException) -> RegistryError:
+    log.debug("test forward pass of %s failed", text, exc_info=err)
+    return RegistryError(
+        f"teacher spec {text!r}: measuring the token widths with a test forward pass failed ({_describe(err)}); "
+        "fix the module, or give patch_dim (and summary_dim) in the spec or in unic_card"
+    )

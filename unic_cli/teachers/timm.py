@@ -3,7 +3,10 @@
 Shape legend: B batch, C channels, H/W pixels, N patch tokens, P prefix tokens, D token width, h/w grid.
 
 Tokens come from `forward_features` (the final norm applied): a ViT returns [B, P + N, D] with the prefix
-[cls, registers...] first; a ConvNet (or SAM's neck) returns a feature map [B, D, h, w]. The summary token is
+[cls, registers...] first; a ConvNet (or SAM's neck) returns a feature map [B, D, h, w], Swin [B, h, w, D]
+(hierarchical models are feature-map teachers, fed their native size). Models that pool or merge tokens
+(LeViT, PiT, MViT, Mixer) or take only one input size (CaiT under another grid) are refused with one message
+that suggests `py:MODULE:CALLABLE`. The summary token is
 the class token (`summary_from = "cls"`) or the model's own pooled embedding (`"pool"`: `forward_head` with
 `pre_logits=True`, i.e. global average pool, SigLIP's attention pool, ...). Models that normalise only after
 pooling (`norm` = Identity, `fc_norm` set, e.g. EVA-02 MIM) get `fc_norm` on every token, so patch tokens are
@@ -34,35 +37,115 @@ from unic_cli.teachers.weights import (
 log = logging.getLogger("unic_cli")
 
 
+def _patch_size(patch_embed: nn.Module | None) -> int | None:
+    """A patch embedding's patch size (timm stores a tuple, XCiT an int); None when it has none."""
+    size = getattr(patch_embed, "patch_size", None)
+    if isinstance(size, (tuple, list)) and size:
+        size = size[0]
+    return int(size) if isinstance(size, int) else None
+
+
 def describe_model(model: nn.Module) -> dict:
     """What a built timm model provides, read from its modules (works on the meta device).
 
     Returns a dict with family, patch_size, token_dim, summary_dim, num_prefix_tokens, num_register_tokens,
-    has_cls and has_pool.
+    has_cls, has_pool, nhwc (the feature map is [B, h, w, D], as in Swin) and unsupported (why unic cannot use
+    the model as a teacher, or None).
+
+    A ViT has one patch grid: a patch embedding whose stride is the model's final stride (a hybrid CNN stem
+    counts by its total stride) and tokens [prefix..., patch...]. Everything else must return a feature map
+    and is treated as a ConvNet (Swin, NesT, PVT: hierarchical, fed their native size); models that pool or
+    merge tokens into a sequence (LeViT, PiT, MViT, Mixer) are refused by `check_layout` and `forward_tokens`.
     """
     patch_embed = getattr(model, "patch_embed", None)
-    if patch_embed is not None:
+    feature_info = getattr(model, "feature_info", None) or []
+    reduction = int(feature_info[-1]["reduction"]) if feature_info else None
+    patch_size = _patch_size(patch_embed)
+    hybrid = patch_embed is not None and getattr(patch_embed, "backbone", None) is not None
+    nhwc = str(getattr(model, "output_fmt", "NCHW")) == "NHWC"
+    plain_grid = reduction is None or reduction == patch_size or hybrid
+    if patch_embed is not None and patch_size is not None and plain_grid and not nhwc:
         family = "vit"
-        patch_size = int(patch_embed.patch_size[0])
+        stride = reduction if hybrid and reduction else patch_size
     else:
         family = "convnet"
-        patch_size = int(model.feature_info[-1]["reduction"])
+        stride = reduction if reduction is not None else patch_size
     has_cls = getattr(model, "cls_token", None) is not None
     num_prefix = int(getattr(model, "num_prefix_tokens", 0) or 0)
+    unsupported = None
+    if stride is None:
+        unsupported = "it states no feature stride (no feature_info)"
+    elif family == "vit" and num_prefix < int(has_cls):
+        unsupported = "its class token is not part of its token sequence (pooled or class-attention tokens)"
     pool = getattr(model, "global_pool", "")
     has_pool = getattr(model, "attn_pool", None) is not None or (
         bool(pool) and str(pool) not in ("token", "")
     ) or family == "convnet"
     return {
         "family": family,
-        "patch_size": patch_size,
+        "patch_size": int(stride or 0),
         "token_dim": int(model.num_features),
         "summary_dim": int(getattr(model, "head_hidden_size", model.num_features)),
-        "num_prefix_tokens": num_prefix,
-        "num_register_tokens": num_prefix - int(has_cls),
-        "has_cls": has_cls,
+        "num_prefix_tokens": num_prefix if family == "vit" else 0,
+        "num_register_tokens": max(num_prefix - int(has_cls), 0) if family == "vit" else 0,
+        "has_cls": has_cls and family == "vit",
         "has_pool": has_pool,
+        "nhwc": nhwc,
+        "unsupported": unsupported,
     }
+
+
+def unsupported_error(model_name: str, why: str) -> UnknownTeacherError:
+    """The one message for a timm model that is neither a plain ViT nor a feature-map model."""
+    return UnknownTeacherError(
+        f"timm model {model_name!r} cannot be used as a teacher: {why}. unic takes timm ViTs with one patch grid "
+        "(a class token and registers, then the patch tokens) and models whose features are a map (ConvNets, "
+        "Swin); wrap this one with py:MODULE:CALLABLE, returning the tokens you want (docs/teachers.md, 'Your own "
+        "module')"
+    )
+
+
+def check_layout(model: nn.Module, facts: dict, image_size: int, model_name: str) -> None:
+    """Raise UnknownTeacherError when `forward_features` does not give the layout `facts` promises.
+
+    Runs on the meta device (shapes only); a model the meta device cannot run is left to `forward_tokens`'
+    own check.
+    """
+    if facts["unsupported"]:
+        raise unsupported_error(model_name, facts["unsupported"])
+    try:
+        with torch.no_grad():
+            feats = model.forward_features(torch.empty(1, 3, image_size, image_size, device="meta"))
+    except Exception as err:  # user-chosen architectures fail on meta in many ways; forward_tokens re-checks
+        log.debug("shape probe of %s on the meta device failed: %s", model_name, err)
+        return
+    problem = _layout_problem(feats, facts, (image_size, image_size))
+    if problem:
+        raise unsupported_error(model_name, problem)
+
+
+def _layout_problem(feats: object, facts: dict, input_size: tuple[int, int]) -> str | None:
+    """Why `forward_features` output `feats` for `input_size` pixels breaks the contract, or None."""
+    if not isinstance(feats, torch.Tensor):
+        return f"its forward_features returns a {type(feats).__name__}, not one tensor (several branches or stages)"
+    shape = tuple(feats.shape)
+    D, P, p = facts["token_dim"], facts["num_prefix_tokens"], facts["patch_size"]
+    if facts["family"] == "vit":
+        h, w = input_size[0] // p, input_size[1] // p
+        if len(shape) == 4:  # SAM's neck: a feature map on the patch grid
+            hw, channels = (shape[1:3], shape[3]) if facts["nhwc"] else (shape[2:], shape[1])
+            if channels == D and tuple(hw) == (h, w):
+                return None
+        if len(shape) != 3 or shape[1] != P + h * w or shape[2] != D:
+            return (f"for a {input_size[0]}x{input_size[1]} px input its features are {list(shape)}, not "
+                    f"{P} prefix + {h}x{w} patch tokens of width {D} (it pools or merges tokens)")
+        return None
+    if len(shape) == 4 and shape[-1 if facts["nhwc"] else 1] == D:
+        return None
+    if len(shape) == 3:
+        return (f"its features are a token sequence {list(shape)} with no single patch grid "
+                "(pooled or merged tokens, as in LeViT, PiT, MViT, Mixer)")
+    return f"its features are {list(shape)}, neither {D}-d tokens on one patch grid nor a {D}-channel feature map"
 
 
 def check_card(card: TeacherCard, facts: dict, model_name: str) -> None:
@@ -108,9 +191,12 @@ class TimmTeacher(nn.Module):
     def __init__(self, card: TeacherCard, model: nn.Module) -> None:
         super().__init__()
         facts = describe_model(model)
+        if facts["unsupported"]:
+            raise unsupported_error(card.model_id, facts["unsupported"])
         check_card(card, facts, type(model).__name__ + f" ({card.model_id})")
         self.card = card
         self.model = model
+        self.facts = facts
         self.num_prefix_tokens = facts["num_prefix_tokens"]
         norm, fc_norm = getattr(model, "norm", None), getattr(model, "fc_norm", None)
         post_pool_norm = isinstance(norm, nn.Identity) and fc_norm is not None and not isinstance(fc_norm, nn.Identity)
@@ -119,23 +205,35 @@ class TimmTeacher(nn.Module):
     def set_input_size(self, input_size: tuple[int, int]) -> None:
         """Resample the position embedding (and rope grid) once for a fixed input size, as timm does on load."""
         patch_embed = getattr(self.model, "patch_embed", None)
-        if patch_embed is None or not hasattr(self.model, "set_input_size") or getattr(self.model, "dynamic_img_size",
-                                                                                     False):
-            return  # ConvNets and SAM take any size as they are
-        if tuple(patch_embed.img_size or ()) != tuple(input_size):
+        if self.card.family != "vit" or patch_embed is None or getattr(self.model, "dynamic_img_size", False):
+            return  # feature-map models are fed their native size; dynamic ViTs take any size as they are
+        native = tuple(getattr(patch_embed, "img_size", None) or ())
+        if native == tuple(input_size):
+            return
+        if hasattr(self.model, "set_input_size"):
             self.model.set_input_size(img_size=tuple(input_size))
+        elif getattr(patch_embed, "strict_img_size", False):  # CaiT, ConViT: a fixed position embedding
+            g = native[0] // self.card.patch_size, native[1] // self.card.patch_size
+            raise UnknownTeacherError(
+                f"teacher {self.card.alias!r}: timm model {self.card.model_id!r} only takes {native[0]}x{native[1]} "
+                f"px (a {g[0]}x{g[1]} grid) and cannot resample its position embedding, but the student's grid needs "
+                f"{input_size[0]}x{input_size[1]} px; use a student with a {g[0]}x{g[1]} grid, or wrap the model "
+                "with py:MODULE:CALLABLE as a feature-map teacher (docs/teachers.md, 'Your own module')"
+            )
 
     def forward_tokens(self, images_BCHW: torch.Tensor):
         feats = self.model.forward_features(images_BCHW)
+        input_size = (images_BCHW.shape[-2], images_BCHW.shape[-1])
+        problem = _layout_problem(feats, self.facts, input_size)
+        if problem:  # shapes only, no host sync; a model that pads or pools tokens would misalign the grid
+            raise unsupported_error(self.card.model_id, problem)
         want_summary = self.card.has_summary
-        if feats.ndim == 4:  # a feature map: ConvNets, SAM's neck
-            grid = (feats.shape[-2], feats.shape[-1])
+        if feats.ndim == 4:  # a feature map: ConvNets, SAM's neck, Swin (NHWC)
+            fmap_BDhw = feats.permute(0, 3, 1, 2) if self.facts["nhwc"] else feats
             summary_BD = self.model.forward_head(feats, pre_logits=True) if want_summary else None
-            return summary_BD, feats.flatten(2).transpose(1, 2), grid
-        h, w = images_BCHW.shape[-2] // self.card.patch_size, images_BCHW.shape[-1] // self.card.patch_size
+            return summary_BD, fmap_BDhw.flatten(2).transpose(1, 2), (fmap_BDhw.shape[-2], fmap_BDhw.shape[-1])
+        h, w = input_size[0] // self.card.patch_size, input_size[1] // self.card.patch_size
         P = self.num_prefix_tokens
-        if feats.shape[1] != P + h * w:  # a model that pads or pools tokens would silently misalign the grid
-            raise RuntimeError(f"{self.card.alias}: expected {P} + {h}x{w} tokens, got {feats.shape[1]}")
         summary_BD = None
         if want_summary:
             if self.card.summary_from == "cls":
@@ -215,6 +313,8 @@ def card_from_model(model: nn.Module, *, alias: str, model_id: str, pretrained_t
                     source: str = "timm", pretrained_cfg: dict | None = None) -> TeacherCard:
     """A card read from a built timm model and its pretrained config (sizes, mean/std, licence)."""
     facts = describe_model(model)
+    if facts["unsupported"]:
+        raise unsupported_error(model_id, facts["unsupported"])
     cfg = dict(pretrained_cfg if pretrained_cfg is not None else model.pretrained_cfg)
     image_size = int(cfg.get("input_size", (3, 224, 224))[-1])
     if facts["family"] == "vit" and image_size % facts["patch_size"]:
@@ -271,4 +371,6 @@ def card_from_spec(spec: TeacherSpec) -> TeacherCard:
         model = timm.create_model(spec.target, pretrained=False, num_classes=0)
     if spec.weights is None and not model.pretrained_cfg.get("hf_hub_id") and not model.pretrained_cfg.get("url"):
         log.warning("timm model %s has no pretrained weights; it will be a random teacher", spec.target)
-    return card_from_model(model, alias=spec.name, model_id=model_id, pretrained_tag=tag or None)
+    card = card_from_model(model, alias=spec.name, model_id=model_id, pretrained_tag=tag or None)
+    check_layout(model, describe_model(model), card.image_size, model_id)
+    return card

@@ -7,10 +7,13 @@ the file and, for a mismatch, the missing and unexpected keys.
 
 from __future__ import annotations
 
+import functools
 import importlib
 import logging
+import pickle
 import re
 from collections.abc import Callable, Iterable
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -27,15 +30,92 @@ _PREFIXES = ("module.", "_orig_mod.")  # DistributedDataParallel and torch.compi
 _MAX_LISTED = 8
 
 
-def hub_error(alias: str, hub_id: str, err: BaseException) -> WeightsError:
-    """The error for weights that cannot be downloaded: the hub id, the reason, and how to pass a local file."""
-    reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-    return WeightsError(
-        f"cannot download the weights of teacher {alias!r} ({hub_id}): {reason}\n"
-        f"Without hub access, download them elsewhere and give the file with the spec: '{alias}=/path/to/weights'"
-        " (e.g. --teachers '" + alias + "=/path/to/weights'; safetensors, or a torch file readable with"
-        " weights_only=True; HF teachers also take a folder saved with save_pretrained)."
-    )
+def hub_error(alias: str, hub_id: str, err: BaseException, *, what: str = "weights",
+              fix: str | None = None) -> WeightsError:
+    """The error for files that cannot be downloaded: what, the hub id, the reason, and how to do without the hub.
+
+    Args:
+        alias: the teacher, as the user named it.
+        hub_id: where the files were to come from.
+        err: the library's exception; its first line is the reason.
+        what: "weights", or "config" when only the architecture's config was being fetched.
+        fix: the way to pass local files, when the default `ALIAS=/path/to/weights` does not apply.
+    """
+    text = _strip_ansi(str(err)).strip()
+    reason = text.splitlines()[0] if text else type(err).__name__
+    if fix is None:
+        fix = (
+            f"Without hub access, download them elsewhere and give the file with the spec: '{alias}=/path/to/weights'"
+            " (e.g. --teachers '" + alias + "=/path/to/weights'; safetensors, or a torch file readable with"
+            " weights_only=True; HF teachers also take a folder saved with save_pretrained)."
+        )
+    return WeightsError(f"cannot download the {what} of teacher {alias!r} ({hub_id}): {reason}\n{fix}{offline_hint()}")
+
+
+def offline_hint() -> str:
+    """The last line of a download error: how to make hub downloads fail at once, or that they already do."""
+    from huggingface_hub import constants
+
+    if constants.HF_HUB_OFFLINE:
+        return "\n(HF_HUB_OFFLINE=1 is set: only files already in the local hub cache are used.)"
+    return "\nOn machines without hub access, set HF_HUB_OFFLINE=1 so that downloads fail at once instead of retrying."
+
+
+@functools.cache
+def hub_reachable() -> bool:
+    """Whether the Hugging Face hub answers at all: one request, no retries, asked once per process.
+
+    Used to skip optional files (a model card, a preprocessor config) quickly; weights and configs still go
+    through the libraries, so their cache and error handling are unchanged.
+    """
+    from huggingface_hub import constants
+    from huggingface_hub.utils import get_session
+
+    if constants.HF_HUB_OFFLINE:
+        return False
+    try:  # the library's own client: same proxies, certificates and endpoint (HF_ENDPOINT) as its downloads
+        get_session().head(constants.ENDPOINT, timeout=5)
+    except Exception:  # httpx and requests (older huggingface_hub) raise different classes; all mean "no hub"
+        return False
+    return True
+
+
+_RETRY_CHATTER = ("thrown while requesting", "Retrying in ")
+
+
+class _QuietRetries(logging.Filter):
+    """Drops huggingface_hub's per-attempt retry lines; the first one becomes a single unic_cli warning."""
+
+    def __init__(self, what: str) -> None:
+        super().__init__()
+        self.what = what
+        self.warned = False
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        if not any(marker in message for marker in _RETRY_CHATTER):
+            return True
+        if not self.warned:
+            self.warned = True
+            log.warning("cannot reach the Hugging Face hub for %s; huggingface_hub retries before giving up "
+                        "(set HF_HUB_OFFLINE=1 to fail at once)", self.what)
+        return False
+
+
+@contextmanager
+def quiet_hub_retries(what: str):
+    """Keep huggingface_hub's retry chatter (a dozen lines per file when offline) out of the output.
+
+    When the hub answers there are no retries, so nothing changes; when it does not, one warning says why
+    the command waits and how to fail at once.
+    """
+    quiet = _QuietRetries(what)
+    hub_log = logging.getLogger("huggingface_hub.utils._http")  # where http_backoff logs each attempt
+    hub_log.addFilter(quiet)
+    try:
+        yield
+    finally:
+        hub_log.removeFilter(quiet)
 
 
 def resolve_weights_ref(ref: str | Path) -> Path:
@@ -85,13 +165,41 @@ def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
             raw = torch.load(path, map_location="cpu", weights_only=True)
     except FileNotFoundError:
         raise WeightsError(f"weights file {str(path)!r} does not exist") from None
-    except Exception as err:  # safetensors, zipfile and unpickler errors have no common base class
-        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+    except pickle.UnpicklingError as err:  # weights_only refused a pickled object (torch names it in the message)
+        refused = sorted(set(_REFUSED_GLOBAL.findall(_strip_ansi(str(err)))))
+        if not refused:
+            raise WeightsError(f"cannot read weights file {str(path)!r}: {_first_sentence(err)}") from None
         raise WeightsError(
-            f"cannot read weights file {str(path)!r}: {first[:300]}. Expected safetensors, or a torch file that "
-            "loads with torch.load(weights_only=True) (tensors and plain containers only)."
+            f"cannot read weights file {str(path)!r}: it pickles Python objects besides tensors "
+            f"(GLOBAL {', '.join(refused)}), and torch.load(weights_only=True) refuses to unpickle them because "
+            "that can run arbitrary code. If you trust the file, re-save only the state dict, e.g. "
+            f"ckpt = torch.load(path, weights_only=False); torch.save(ckpt[\"model\"], \"{path.stem}_weights.pth\") "
+            "(use the key that holds the weights), or save it as safetensors with "
+            "safetensors.torch.save_file(ckpt[\"model\"], ...)."
+        ) from None
+    except Exception as err:  # safetensors, zipfile and unpickler errors have no common base class
+        raise WeightsError(
+            f"cannot read weights file {str(path)!r}: {_first_sentence(err)} Expected safetensors, or a torch file "
+            "that loads with torch.load(weights_only=True) (tensors and plain containers only)."
         ) from None
     return unwrap_state_dict(raw, origin=str(path))
+
+
+_ANSI = re.compile(r"\x1b\[[0-9;]*m")
+_REFUSED_GLOBAL = re.compile(r"Unsupported global: GLOBAL ([\w.]+)")
+
+
+def _strip_ansi(text: str) -> str:
+    return _ANSI.sub("", text)
+
+
+def _first_sentence(err: BaseException, limit: int = 300) -> str:
+    """The first line of a library's error, without terminal colours, shortened at a word, ending in '.'."""
+    text = _strip_ansi(str(err)).strip()
+    line = text.splitlines()[0].strip() if text else type(err).__name__
+    if len(line) > limit:
+        line = line[:limit].rsplit(" ", 1)[0] + " ..."
+    return line if line.endswith((".", "...")) else line + "."
 
 
 def unwrap_state_dict(raw: object, *, origin: str) -> dict[str, torch.Tensor]:
@@ -165,16 +273,23 @@ def load_into(
         if k in state and tuple(state[k].shape) != tuple(own[k].shape)
     ]
     if missing or unexpected or mismatched:
-        lines = [f"weights {origin!r} do not match the {type(model).__name__} architecture:"]
-        if missing:
-            lines.append(f"  missing {len(missing)} key(s): {_listing(missing)}")
-        if unexpected:
-            lines.append(f"  unexpected {len(unexpected)} key(s): {_listing(unexpected)}")
-        if mismatched:
-            lines.append(f"  {len(mismatched)} shape mismatch(es): {_listing(mismatched)}")
-        lines.append("Check that the file belongs to this teacher (same architecture and size).")
-        raise WeightsError("\n".join(lines))
+        raise mismatch_error(type(model).__name__, origin, missing, unexpected, mismatched)
     model.load_state_dict({k: v for k, v in state.items() if k in own}, strict=False)
+
+
+def mismatch_error(architecture: str, origin: str, missing: Iterable[str], unexpected: Iterable[str],
+                   mismatched: Iterable[str]) -> WeightsError:
+    """One error listing the missing keys, the unexpected keys and the shape mismatches of a weights file."""
+    missing, unexpected, mismatched = list(missing), list(unexpected), list(mismatched)
+    lines = [f"weights {origin!r} do not match the {architecture} architecture:"]
+    if missing:
+        lines.append(f"  missing {len(missing)} key(s): {_listing(missing)}")
+    if unexpected:
+        lines.append(f"  unexpected {len(unexpected)} key(s): {_listing(unexpected)}")
+    if mismatched:
+        lines.append(f"  {len(mismatched)} shape mismatch(es): {_listing(mismatched)}")
+    lines.append("Check that the file belongs to this teacher (same architecture and size).")
+    return WeightsError("\n".join(lines))
 
 
 def _listing(keys: Iterable[object]) -> str:
