@@ -12,6 +12,7 @@ import pytest
 
 from unic_cli.config import ProbeConfig
 from unic_cli.probe import run_probe
+from unic_cli.probe.report import random_init_name
 
 pytestmark = [
     pytest.mark.slow,
@@ -24,7 +25,8 @@ def _probe(data, tmp_path, tasks, *, random_init=False, **settings):
     config = ProbeConfig.from_sources(None, {"models": ("efficientnet_lite0",), "tasks": tasks, "data_dir": data,
                                              "out_dir": tmp_path / ("random" if random_init else "pretrained"),
                                              "random_init": random_init, "num_workers": 2, **settings})
-    return run_probe(config).report["results"]["efficientnet_lite0"]
+    name = random_init_name("efficientnet_lite0") if random_init else "efficientnet_lite0"  # a baseline row
+    return run_probe(config).report["results"][name]
 
 
 def test_real_data__hymenoptera_linear_and_knn(shared_data, tmp_path):
