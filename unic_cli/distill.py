@@ -351,9 +351,10 @@ def _train(config, dist, device, ckpt, earlier_run, *, hooks, timer) -> RunResul
                      last_metrics.get("loss"))
             return RunResult(run_dir, start_step, num_steps, "done", last_ckpt, last_metrics)
         if dist.is_main:
-            if changes := _config_changes(DistillConfig.from_dict(ckpt["config"]), config):
+            saved = DistillConfig.from_dict(ckpt["config"])
+            if changes := _config_changes(saved, config):
                 kept = run_dir / f"config.until_step_{start_step:07d}.toml"
-                _write_text_atomic(kept, DistillConfig.from_dict(ckpt["config"]).to_toml())
+                _write_text_atomic(kept, saved.to_toml())
                 log.warning("changed on resume, from step %d on: %s (the earlier settings: %s)", start_step,
                             ", ".join(f"{k} {a!r} -> {b!r}" for k, (a, b) in changes.items()), kept)
             if metrics_path.exists():

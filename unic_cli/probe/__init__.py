@@ -85,8 +85,6 @@ def _ok_rows(feats: dict[str, torch.Tensor], *arrays: torch.Tensor) -> list[torc
 
 def _clip_teacher_of_student(ref: ModelRef) -> dict | None:
     """The first kept head (in unic.json) whose teacher is an open_clip model, or None."""
-    import json
-
     meta = json.loads((ref.folder / "unic.json").read_text(encoding="utf-8"))
     kept = set((meta.get("heads") or {}).get("teachers") or ())
     for teacher in meta.get("teachers", []):
@@ -294,10 +292,10 @@ def run_probe(config: ProbeConfig, *, progress: ProgressFn | None = None) -> Pro
         new["models"][names[ref.name]] = ({"kind": ref.kind} if pretrained else
                                           {"kind": "baseline", "random_init_of": ref.kind, "seed": config.seed})
         if pretrained and ref.kind == "student":  # which checkpoint it came from: the export's card keeps its rows
-            source = _read_unic_json(ref.folder).get("source_checkpoint")
-            if isinstance(source, dict):
-                new["models"][names[ref.name]]["source_checkpoint"] = {
-                    "sha256": source.get("sha256"), "step": _read_unic_json(ref.folder).get("step")}
+            meta = json.loads((ref.folder / "unic.json").read_text(encoding="utf-8"))  # resolve_model read it
+            if isinstance(source := meta.get("source_checkpoint"), dict):
+                new["models"][names[ref.name]]["source_checkpoint"] = {"sha256": source.get("sha256"),
+                                                                       "step": meta.get("step")}
         new["results"][names[ref.name]] = {}
     if classification:
         train, evaluation = splits["classification"]
@@ -328,10 +326,3 @@ def run_probe(config: ProbeConfig, *, progress: ProgressFn | None = None) -> Pro
     log.info("wrote %s", ", ".join(str(f) for f in files))
     return ProbeOutcome(new, merged, files)
 
-
-def _read_unic_json(folder) -> dict:
-    try:
-        data = json.loads((folder / "unic.json").read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return {}
-    return data if isinstance(data, dict) else {}
