@@ -135,6 +135,48 @@ def test_load_teacher__offline_hub_names_the_id_and_the_local_weights_fix():
     assert "timm/test_vit.r160_in1k" in str(err.value) and "'timm:test_vit=/path/to/weights'" in str(err.value)
 
 
+_UNREACHABLE_HUB_SCRIPT = """
+import time
+import torch
+from unic_cli.errors import WeightsError
+from unic_cli.teachers import load_teacher
+start = time.monotonic()
+teacher = load_teacher("timm:test_vit.r160_in1k", grid=None, pretrained=True)
+print("cached", teacher.backbone.model.cls_token.flatten()[0].item(), time.monotonic() - start)
+start = time.monotonic()
+try:
+    load_teacher("timm:test_vit2.r160_in1k", grid=None, pretrained=True)
+except WeightsError as err:
+    print("missing", time.monotonic() - start, str(err).splitlines()[-1])
+"""
+
+
+def test_load_teacher__unreachable_hub_uses_the_cache_at_once(tmp_path):
+    """Without HF_HUB_OFFLINE, a hub that does not answer costs no retries: cached weights load, others fail fast."""
+    import os
+    import subprocess
+    import sys
+
+    import timm
+
+    snapshot = tmp_path / "models--timm--test_vit.r160_in1k" / "snapshots" / ("a" * 40)
+    snapshot.mkdir(parents=True)
+    (tmp_path / "models--timm--test_vit.r160_in1k" / "refs").mkdir()
+    (tmp_path / "models--timm--test_vit.r160_in1k" / "refs" / "main").write_text("a" * 40)
+    state = timm.create_model("test_vit", pretrained=False).state_dict()
+    state["cls_token"] = torch.full_like(state["cls_token"], 0.125)
+    save_file({k: v.contiguous() for k, v in state.items()}, snapshot / "model.safetensors")
+    env = {k: v for k, v in os.environ.items() if k not in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")}
+    env.update(HF_HUB_CACHE=str(tmp_path), HF_ENDPOINT="http://127.0.0.1:9")  # nothing listens on port 9
+    result = subprocess.run([sys.executable, "-c", _UNREACHABLE_HUB_SCRIPT], env=env, capture_output=True,
+                            text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    cached, missing = result.stdout.splitlines()
+    assert cached.split()[1] == "0.125" and float(cached.split()[2]) < 20  # before: about a minute of retries
+    assert float(missing.split()[1]) < 20 and "did not answer" in missing
+    assert "Retrying" not in result.stderr
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_teacher__bf16_tokens_on_cuda():

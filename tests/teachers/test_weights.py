@@ -10,13 +10,14 @@ import torch
 from safetensors.torch import save_file
 
 from unic_cli.errors import WeightsError
+from unic_cli.teachers import weights
 from unic_cli.teachers.weights import (
     convert_efficientnet_pytorch,
     hub_error,
     hub_reachable,
     is_efficientnet_pytorch,
     load_into,
-    quiet_hub_retries,
+    hub_access,
     read_state_dict,
     resolve_weights_ref,
 )
@@ -101,20 +102,23 @@ def test_hub_error__says_what_failed_and_how_to_fail_fast(monkeypatch):
 
     err = OSError("We couldn't connect to 'https://huggingface.co' to load the files.\nmore detail")
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(weights, "hub_reachable", lambda: True)  # a hub that answers but failed this download
     message = str(hub_error("dinov2_s", "hf-hub:timm/x", err))
     assert message.startswith("cannot download the weights of teacher 'dinov2_s' (hf-hub:timm/x): We couldn't")
     assert "'dinov2_s=/path/to/weights'" in message and "set HF_HUB_OFFLINE=1" in message
     assert "more detail" not in message
+    monkeypatch.setattr(weights, "hub_reachable", lambda: False)
+    assert "did not answer, so only files already in the local hub cache" in str(hub_error("a", "b", err))
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
     message = str(hub_error("dinov2_s", "hf:org/x", err, what="config", fix="Pass a folder."))
     assert message.startswith("cannot download the config of teacher") and "Pass a folder." in message
     assert "HF_HUB_OFFLINE=1 is set" in message
 
 
-def test_quiet_hub_retries__drops_retry_lines_and_warns_once(caplog):
+def test_hub_access__drops_retry_lines_and_warns_once(caplog):
     hub_log = logging.getLogger("huggingface_hub.utils._http")  # where huggingface_hub's http_backoff logs
     caplog.set_level(logging.INFO)
-    with quiet_hub_retries("the config of org/x"):
+    with hub_access("the config of org/x"):
         for attempt in range(1, 4):
             hub_log.warning("'[Errno -2] Name or service not known' thrown while requesting HEAD https://hf.co/x")
             hub_log.warning("Retrying in %ss [Retry %s/5].", 2 ** attempt, attempt)

@@ -28,11 +28,11 @@ from unic_cli.errors import RegistryError, UnknownTeacherError, WeightsError
 from unic_cli.registry import TeacherCard, TeacherSpec
 from unic_cli.teachers.timm import TimmTeacher, card_from_model
 from unic_cli.teachers.weights import (
+    hub_access,
     hub_error,
     hub_reachable,
     mismatch_error,
     offline_hint,
-    quiet_hub_retries,
     read_state_dict,
     resolve_weights_ref,
     strip_common_prefix,
@@ -144,7 +144,7 @@ def _read_text(model_id: str, filename: str, revision: str | None) -> str | None
         cached = try_to_load_from_cache(model_id, filename, revision=revision)
         return Path(cached).read_text(encoding="utf-8") if isinstance(cached, str) else None
     try:
-        with quiet_hub_retries(f"{model_id}/{filename}"):
+        with hub_access(f"{model_id}/{filename}"):
             path = hf_hub_download(model_id, filename, revision=revision)
         return Path(path).read_text(encoding="utf-8")
     except Exception:  # absent file, gated repo or no network: these files only refine the card
@@ -177,7 +177,7 @@ def load_config(model_id: str, *, revision: str | None, trust_remote_code: bool,
             "model.save_pretrained(folder))"
         )
     try:
-        with quiet_hub_retries(f"the config of {model_id}"):
+        with hub_access(f"the config of {model_id}"):
             # an unreachable hub: the cache only, failing at once instead of after huggingface_hub's retries
             config = AutoConfig.from_pretrained(model_id, revision=revision, trust_remote_code=trust_remote_code,
                                                 local_files_only=not _is_local(model_id) and not hub_reachable())
@@ -301,7 +301,7 @@ def _config_for(card: TeacherCard, folder: Path | None, local, trust: bool):
 def _from_pretrained(auto_cls, model_id: str, card: TeacherCard, revision: str | None, trust: bool) -> nn.Module:
     config = load_config(model_id, revision=revision, trust_remote_code=trust, alias=card.alias)
     try:
-        with quiet_hub_retries(f"the weights of {model_id}"):
+        with hub_access(f"the weights of {model_id}"):
             model, info = auto_cls.from_pretrained(model_id, config=config, revision=revision,
                                                    trust_remote_code=trust, output_loading_info=True,
                                                    local_files_only=not _is_local(model_id) and not hub_reachable())

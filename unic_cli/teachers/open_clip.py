@@ -25,7 +25,7 @@ from torch import nn
 from unic_cli.errors import RegistryError, UnknownTeacherError, WeightsError
 from unic_cli.registry import TeacherCard, TeacherSpec
 from unic_cli.teachers.timm import TimmTeacher, card_from_model
-from unic_cli.teachers.weights import hub_error, load_into, quiet_hub_retries, read_state_dict, resolve_weights_ref
+from unic_cli.teachers.weights import hub_access, hub_error, load_into, read_state_dict, resolve_weights_ref
 
 log = logging.getLogger("unic_cli")
 
@@ -157,7 +157,7 @@ class OpenClipTeacher(nn.Module):
             clip.to(device)
         if self._tokenizer is None:
             try:
-                with quiet_hub_retries(f"the tokenizer of open_clip {self.card.model_id}"):
+                with hub_access(f"the tokenizer of open_clip {self.card.model_id}"):
                     self._tokenizer = open_clip.get_tokenizer(self.card.model_id)
             except OSError as err:  # HF tokenizers (SigLIP) are downloaded on first use
                 raise hub_error(self.card.alias, f"open_clip {self.card.model_id}", err, what="tokenizer",
@@ -201,7 +201,7 @@ def _download(card: TeacherCard) -> str:
         )
     hub_id = f"open_clip {card.model_id}/{card.pretrained_tag} ({cfg.get('hf_hub') or cfg.get('url')})"
     try:
-        with quiet_hub_retries(f"the weights of open_clip {card.model_id}/{card.pretrained_tag}"):
+        with hub_access(f"the weights of open_clip {card.model_id}/{card.pretrained_tag}"):
             path = open_clip.download_pretrained(cfg)
     except Exception as err:  # hub, url and cache errors differ per backend; all mean "not downloadable"
         raise hub_error(card.alias, hub_id, err) from None

@@ -26,6 +26,7 @@ from unic_cli.errors import RegistryError, UnknownTeacherError
 from unic_cli.registry import Interpolation, TeacherCard, TeacherSpec, card_path
 from unic_cli.teachers.weights import (
     convert_efficientnet_pytorch,
+    hub_access,
     hub_error,
     is_efficientnet_pytorch,
     load_into,
@@ -260,7 +261,8 @@ def create_model(card: TeacherCard, spec: TeacherSpec, *, pretrained: bool) -> n
     local = spec.weights if spec.weights is not None else card.weights
     if not pretrained or local is None:
         try:
-            return timm.create_model(name, pretrained=pretrained, num_classes=0)
+            with hub_access(f"the weights of {name}"):
+                return timm.create_model(name, pretrained=pretrained, num_classes=0)
         except OSError as err:  # huggingface_hub and urllib raise OSError subclasses when offline
             raise hub_error(card.alias, _hub_id(name), err) from None
     path = resolve_weights_ref(local)

@@ -53,11 +53,13 @@ def hub_error(alias: str, hub_id: str, err: BaseException, *, what: str = "weigh
 
 
 def offline_hint() -> str:
-    """The last line of a download error: how to make hub downloads fail at once, or that they already do."""
+    """The last line of a download error: why only the local hub cache was looked at, or how to make that so."""
     from huggingface_hub import constants
 
     if constants.HF_HUB_OFFLINE:
         return "\n(HF_HUB_OFFLINE=1 is set: only files already in the local hub cache are used.)"
+    if not hub_reachable():
+        return "\n(The Hugging Face hub did not answer, so only files already in the local hub cache were looked at.)"
     return "\nOn machines without hub access, set HF_HUB_OFFLINE=1 so that downloads fail at once instead of retrying."
 
 
@@ -103,18 +105,26 @@ class _QuietRetries(logging.Filter):
 
 
 @contextmanager
-def quiet_hub_retries(what: str):
-    """Keep huggingface_hub's retry chatter (a dozen lines per file when offline) out of the output.
+def hub_access(what: str):
+    """Around every library call that may download from the Hugging Face hub (timm, open_clip, transformers).
 
-    When the hub answers there are no retries, so nothing changes; when it does not, one warning says why
-    the command waits and how to fail at once.
+    When the hub does not answer (one request, see `hub_reachable`), the block runs in huggingface_hub's offline
+    mode: files already in the local cache still load, anything else fails at once instead of after five
+    retries per file (about a minute for one timm teacher). When it answers, nothing changes except that
+    huggingface_hub's per-attempt retry lines (a dozen per file) become one warning saying why the command waits.
     """
+    from huggingface_hub import constants
+
     quiet = _QuietRetries(what)
     hub_log = logging.getLogger("huggingface_hub.utils._http")  # where http_backoff logs each attempt
     hub_log.addFilter(quiet)
+    offline_before = constants.HF_HUB_OFFLINE
+    # is_offline_mode() and every request of the library's session read this flag at call time
+    constants.HF_HUB_OFFLINE = offline_before or not hub_reachable()
     try:
         yield
     finally:
+        constants.HF_HUB_OFFLINE = offline_before
         hub_log.removeFilter(quiet)
 
 
