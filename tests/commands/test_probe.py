@@ -134,3 +134,38 @@ def test_probe__damaged_student_folder_and_a_run_that_is_no_run(tmp_path, class_
     (student / "model.safetensors").unlink()
     result = _run([str(student), "--task", "knn", "--data", str(class_data_cli), "--out", str(tmp_path / "o")])
     assert result.exit_code == 2 and "model.safetensors' is missing" in result.output
+
+
+def test_probe__table_compares_with_teachers_probed_in_an_earlier_call(tmp_path, class_data_cli, monkeypatch):
+    import timm
+    import torch
+    from safetensors.torch import save_file
+
+    monkeypatch.chdir(tmp_path)  # short model names: the table fits the terminal without folding them
+    specs = []
+    for seed, name in enumerate(("test_vit", "test_vit2")):
+        torch.manual_seed(seed)
+        save_file(timm.create_model(name, pretrained=False, num_classes=0).state_dict(), f"w{seed}.safetensors")
+        specs.append(f"timm:{name}=w{seed}.safetensors")
+    common = ["--task", "knn", "--data", str(class_data_cli), "--out", str(tmp_path / "o"), "--num-workers", "0"]
+    assert _run([specs[0], *common]).exit_code == 0
+    result = _run([specs[1], *common])
+    assert result.exit_code == 0, result.output
+    # the earlier teacher is a row (marked *) and the gains are against the best of both, as in probe.md
+    from unic_cli.probe.report import best_reference
+
+    report = json.loads((tmp_path / "o" / "probe.json").read_text())
+    best, value, _ = best_reference(report)["knn/data"]
+    assert f"{specs[0]} *" in result.output and "* measured in an earlier call" in result.output
+    assert f"best teacher on knn/data: {best} ({value:.4f})" in " ".join(result.output.split())  # caption wraps
+    assert f"Best teacher: `{best}` ({value:.4f})." in (tmp_path / "o" / "probe.md").read_text()
+
+
+@pytest.mark.parametrize("model", ["./students/nothere/", "students/a/model.safetensors"])
+def test_probe__a_student_path_that_is_no_folder(tmp_path, class_data_cli, model, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "students" / "a").mkdir(parents=True)
+    (tmp_path / "students" / "a" / "model.safetensors").write_bytes(b"")
+    result = _run([model, "--task", "knn", "--data", str(class_data_cli)])
+    assert result.exit_code == 2 and f"MODEL {model!r} looks like a student folder, but it" in result.output
+    assert "written by `unic export`" in result.output

@@ -188,3 +188,61 @@ def test_run_probe__an_unreadable_run_report_is_moved_aside(tmp_path, class_data
     assert json.loads((run_dir / "probe.json").read_text())["format"] == "unic-probe"
     assert f"{run_dir / 'probe.json'} is not a readable" in caplog.text
     assert f"moved it to {run_dir / 'probe.json.bak'}" in caplog.text
+
+
+def test_run_probe__a_student_folder_typed_with_a_slash_is_the_same_model(tmp_path, class_data, student_dir):
+    # shell completion types `students/a/`: one model in probe.json, not two rows for one student
+    out = {"out_dir": tmp_path / "out"}
+    run_probe(_knn((f"{student_dir}/",), class_data, **out))
+    merged = run_probe(_knn((f"{student_dir}/./",), class_data, **out)).merged
+    assert list(merged["results"]) == [str(student_dir)]
+    with pytest.raises(ProbeError, match=r"given more than once \(as '.*student', '.*student/'\)"):
+        run_probe(_knn((str(student_dir), str(student_dir) + "/"), class_data, **out))
+
+
+def test_run_probe__k_above_the_training_set_size_is_warned(tmp_path, class_data, teacher_weights, caplog):
+    caplog.set_level("WARNING", logger="unic_cli")
+    run_probe(_knn((_teachers(teacher_weights)[0],), class_data, out_dir=tmp_path / "out", knn_ks=(10, 30)))
+    assert "k = [30] exceed(s) the 24 training images" in caplog.text and "knn_ks <= 24" in caplog.text
+
+
+def _seg_config(data, model, tmp_path, **extra):
+    return ProbeConfig.from_sources(None, {**FAST, "models": (model,), "tasks": ("seg",), "data_dir": data,
+                                           "out_dir": tmp_path / "out", **extra})
+
+
+def test_run_probe__seg_classes_include_labels_only_the_evaluation_masks_hold(tmp_path, dense_data, teacher_weights,
+                                                                             caplog):
+    import numpy as np
+    from PIL import Image
+
+    for path in (dense_data / "train" / "masks").iterdir():  # label 2 never appears in training
+        mask = np.asarray(Image.open(path)).copy()
+        mask[mask == 2] = 255
+        Image.fromarray(mask).save(path)
+    model = _teachers(teacher_weights)[0]
+    caplog.set_level("WARNING", logger="unic_cli")
+    seg = run_probe(_seg_config(dense_data, model, tmp_path)).report["results"][model]["seg/dense"]
+    # a third of the test pixels are label 2: unlearnable, so they must count as errors, not vanish from the score
+    assert seg["num_classes"] == 3 and seg["pixel_acc"] < 0.7
+    assert "label(s) [2] that no training mask holds" in caplog.text
+    with pytest.raises(ProbeError, match=r"--num-classes 2: the masks hold label\(s\) 2, which need "
+                                         r"--num-classes 3 or more"):
+        run_probe(_seg_config(dense_data, model, tmp_path, num_classes=2))
+
+
+def test_run_probe__depth_without_valid_pixels_is_refused_and_seg_results_are_kept(tmp_path, dense_data,
+                                                                                   teacher_weights):
+    import numpy as np
+    from PIL import Image
+
+    for path in (dense_data / "train" / "depth").iterdir():
+        Image.fromarray(np.zeros((36, 48), np.uint16)).save(path)
+    model = _teachers(teacher_weights)[0]
+    config = ProbeConfig.from_sources(None, {**FAST, "models": (model,), "tasks": ("seg", "depth"),
+                                             "data_dir": dense_data, "out_dir": tmp_path / "out"})
+    with pytest.raises(ProbeError, match=r"depth maps in '.*train/depth' hold no valid pixel"):
+        run_probe(config)
+    # the seg probe of the same call finished first: its numbers are in probe.json
+    saved = json.loads((tmp_path / "out" / "probe.json").read_text())
+    assert list(saved["results"][model]) == ["seg/dense"] and (tmp_path / "out" / "probe.md").is_file()

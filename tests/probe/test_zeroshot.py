@@ -62,3 +62,15 @@ def test_run_probe__zeroshot_without_train_split(tmp_path, class_data, tiny_clip
     config = ProbeConfig.from_sources(None, {"models": (tiny_clip,), "tasks": ("zeroshot",), "data_dir": class_data,
                                              "out_dir": tmp_path / "out", "num_workers": 0})
     assert "zeroshot/cls" in run_probe(config).report["results"][tiny_clip]
+
+
+def test_run_probe__random_init_zeroshot_of_a_student_is_refused(tmp_path, class_data, student_dir, tiny_clip):
+    # its CLIP summaries come from the exported (trained) student and head: no random-init baseline exists
+    student = _clip_student(student_dir, tiny_clip, tmp_path)
+    config = ProbeConfig.from_sources(None, {"models": (str(student), tiny_clip), "tasks": ("zeroshot",),
+                                             "data_dir": class_data, "out_dir": tmp_path / "out", "num_workers": 0,
+                                             "random_init": True})
+    with pytest.raises(ProbeError, match=r"--random-init --task zeroshot: student '.*clip_student' reaches the "
+                                         r"CLIP space only through its trained encoder and head"):
+        run_probe(config)
+    assert not (tmp_path / "out" / "probe.json").exists()

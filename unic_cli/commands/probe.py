@@ -78,31 +78,43 @@ def probe(models, tasks, config_file, **flags) -> None:
             bar.update(ids[label], completed=done)
 
         outcome = run_probe(config, progress=progress)
-    console.print(_table(outcome.report))
+    console.print(_table(outcome.merged, outcome.report))
     for path in outcome.files:
         console.print(f"wrote {path}")
 
 
-def _table(report: dict):
-    """One row per model, one column per task: the primary metric and the gain over the best teacher."""
+def _table(merged: dict, new: dict):
+    """One row per model, one column per task of this call: the primary metric and the gain over the best teacher.
+
+    Rows and gains come from the merged probe.json, so a student probed alone is compared with the teachers
+    probed on the same task key in earlier calls (marked `*`), exactly as probe.md does.
+    """
     from rich.table import Table
 
-    from unic_cli.probe.report import relative_scores, score
+    from unic_cli.probe.report import best_reference, relative_scores, score
 
-    relative = relative_scores(report)
+    relative, best = relative_scores(merged), best_reference(merged)
+    task_keys = [k for k in new["tasks"] if k in merged["tasks"]]
+    models = [m for m in merged["results"] if any(score(merged, m, k) is not None for k in task_keys)]
+    earlier = [m for m in models if m not in new["results"]]
     table = Table(title="unic probe (gain: vs the best teacher on each task)", header_style="bold")
     table.add_column("model", overflow="fold")
     table.add_column("kind")
-    for task_key, info in report["tasks"].items():
-        table.add_column(f"{task_key}\n{info['primary']}", justify="right")
-    for model in report["results"]:
+    for task_key in task_keys:
+        table.add_column(f"{task_key}\n{merged['tasks'][task_key]['primary']}", justify="right")
+    for model in models:
         cells = []
-        for task_key in report["tasks"]:
-            value, gain = score(report, model, task_key), relative.get(task_key, {}).get(model)
+        for task_key in task_keys:
+            value, gain = score(merged, model, task_key), relative.get(task_key, {}).get(model)
             if value is None:
                 cells.append("")
                 continue
             style = "green" if gain is not None and gain >= 0 else "red"
             cells.append(f"{value:.4f}" + ("" if gain is None else f" [{style}]{gain:+.1f}%[/]"))
-        table.add_row(model, report["models"][model]["kind"], *cells)
+        table.add_row(model + (" *" if model in earlier else ""), merged["models"][model]["kind"], *cells)
+    notes = [f"best {what} on {task_key}: {model} ({value:.4f})"
+             for task_key in task_keys if task_key in best for model, value, what in [best[task_key]]]
+    if earlier:
+        notes.append("* measured in an earlier call (OUT/probe.json)")
+    table.caption = "\n".join(notes)
     return table

@@ -35,6 +35,7 @@ from unic_cli.probe.features import (
     list_dense_split,
     load_encoder,
     load_targets,
+    normalise_model_name,
     resolve_model,
     run_jobs,
 )
@@ -93,11 +94,17 @@ def _clip_teacher_of_student(ref: ModelRef) -> dict | None:
     return None
 
 
-def _check_zeroshot(refs: list[ModelRef]) -> None:
+def _check_zeroshot(refs: list[ModelRef], *, random_init: bool) -> None:
     """Every model must have a CLIP text tower (cheap check on cards and unic.json; confirmed after loading)."""
     problems = []
     for ref in refs:
-        if ref.kind == "student":
+        if ref.kind == "student" and random_init:
+            # its images reach CLIP space only through the exported (trained) student and head: a "random init"
+            # number would be the trained student's, filed as a baseline
+            problems.append(f"--random-init --task zeroshot: student {ref.name!r} reaches the CLIP space only "
+                            "through its trained encoder and head, so it has no random-init zero-shot baseline; "
+                            "drop the student from this call (a random-init CLIP teacher gives the chance level)")
+        elif ref.kind == "student":
             if _clip_teacher_of_student(ref) is None:
                 problems.append(f"student {ref.name!r} has no CLIP head: export it with `unic export RUN --out DIR "
                                 "--keep-heads CLIP_ALIAS` (a CLIP teacher it was distilled from)")
@@ -158,6 +165,10 @@ def _classification(config: ProbeConfig, refs: list[ModelRef], train: Split | No
             tr = train_feats[ref.name]
             y_train, summary_train, patch_train = _ok_rows(tr, train_labels, tr["summary"], tr["patch_mean"])
         if "knn" in config.tasks:
+            if too_big := [k for k in config.knn_ks if k > len(y_train)]:
+                log.warning("%s: k = %s exceed(s) the %d training images, so top1_k%d and the like vote over all "
+                            "of them; give knn_ks <= %d (--config) for a k-NN score", ref.name, too_big, len(y_train),
+                            too_big[0], len(y_train))
             log.info("%s: k-NN on %d train / %d %s images", ref.name, len(y_train), len(y_eval), evaluation.name)
             results[ref.name]["knn"] = run_knn_probe(
                 summary_train.to(device), y_train, summary_eval.to(device), y_eval, num_classes=num_classes,
@@ -182,21 +193,45 @@ def _classification(config: ProbeConfig, refs: list[ModelRef], train: Split | No
     return results
 
 
-def _seg_classes(config: ProbeConfig, train_masks: torch.Tensor) -> int:
-    values = torch.unique(train_masks).tolist()
+def _seg_classes(config: ProbeConfig, train_masks: torch.Tensor, eval_masks: torch.Tensor) -> int:
+    """The number of seg classes: --num-classes, else the largest label of either split plus one.
+
+    Labels are counted in the evaluation masks too: a class that only the evaluation split holds must count as
+    missed pixels, not vanish from pixel accuracy and mIoU.
+    """
+    train_values = set(torch.unique(train_masks).tolist())
+    eval_values = set(torch.unique(eval_masks).tolist())
+    values = sorted(train_values | eval_values)
     labels = [v for v in values if v != config.ignore_index and v >= 0]
     if config.ignore_index not in values:
         log.info("masks hold labels %s and no %d (--ignore-index); if one label is void (CamVid: 11), "
                  "pass --ignore-index LABEL", _span(labels), config.ignore_index)
+    if unseen := sorted(v for v in eval_values - train_values if v != config.ignore_index and v >= 0):
+        log.warning("evaluation masks hold label(s) %s that no training mask holds: the probe cannot learn them, "
+                    "so their pixels count as errors", unseen)
     if config.num_classes is not None:
+        if too_big := [v for v in labels if v >= config.num_classes]:
+            raise ProbeError(f"--num-classes {config.num_classes}: the masks hold label(s) {_span(too_big)}, "
+                             f"which need --num-classes {max(too_big) + 1} or more (or --ignore-index LABEL if "
+                             "one of them is void)")
         return config.num_classes
-    if not labels:
+    if not [v for v in train_values if v != config.ignore_index and v >= 0]:
         raise ProbeError(f"the training masks hold no label other than the ignore index {config.ignore_index}")
     return max(labels) + 1
 
 
 def _span(labels: list[int]) -> str:
+    if len(labels) == 1:
+        return str(labels[0])
     return f"{labels[0]}-{labels[-1]}" if labels == list(range(labels[0], labels[-1] + 1)) else str(labels)
+
+
+def _check_depth(depth_MHW: torch.Tensor, split: Split, depth_scale: float) -> None:
+    """The depth head needs valid (finite, > 0) training pixels to set its range; refuse before any encoder runs."""
+    valid = torch.isfinite(depth_MHW) & (depth_MHW > 0)
+    if not bool(valid.any()):
+        raise ProbeError(f"the depth maps in {str(split.root / 'depth')!r} hold no valid pixel (depth > 0, at "
+                         f"--depth-scale {depth_scale:g}); check the files, or that they are 16-bit PNG or .npy")
 
 
 def _dense(config: ProbeConfig, task: str, refs: list[ModelRef], train: Split, evaluation: Split,
@@ -208,7 +243,9 @@ def _dense(config: ProbeConfig, task: str, refs: list[ModelRef], train: Split, e
                        progress=progress)
     train_targets = load_targets(train, kind, **target_args)
     eval_targets = load_targets(evaluation, kind, **target_args)
-    num_classes = _seg_classes(config, train_targets) if task == "seg" else 0
+    num_classes = _seg_classes(config, train_targets, eval_targets) if task == "seg" else 0
+    if task == "depth":
+        _check_depth(train_targets, train, config.depth_scale)
     feats = extract_features(refs, [train, evaluation], dense_levels=config.dense_layers, **common)
     _free(device)
     train_feats, eval_feats = feats[train.name], feats[evaluation.name]
@@ -237,6 +274,17 @@ def _task_info(config: ProbeConfig, task: str, evaluation: Split) -> dict[str, A
     primary, higher = report_lib.PRIMARY[task]
     return {"task": task, "data": str(config.data_dir.resolve()), "split": evaluation.name,
             "primary": primary.format(k=max(config.knn_ks)), "higher_is_better": higher}
+
+
+def _write(config: ProbeConfig, new: dict[str, Any]) -> tuple[dict[str, Any], list[Path]]:
+    """Merge the results so far into OUT/probe.json (and RUN/probe.json), rewrite probe.md and probe.png."""
+    new["rows"] = report_lib.flat_rows(new)
+    merged, files = report_lib.write_report(config.resolved_out_dir, new)
+    if config.run_dir is not None:
+        run_file = config.run_dir / "probe.json"
+        report_lib.write_json(run_file, report_lib.merge(report_lib.read_report(run_file), new, where=str(run_file)))
+        files.append(run_file)
+    return merged, files
 
 
 def run_probe(config: ProbeConfig, *, progress: ProgressFn | None = None) -> ProbeOutcome:
@@ -271,8 +319,12 @@ def run_probe(config: ProbeConfig, *, progress: ProgressFn | None = None) -> Pro
         splits[task] = (list_dense_split(train_dir, folder), list_dense_split(eval_dir, folder))
     pretrained = not config.random_init
     refs = [resolve_model(m, pretrained=pretrained, seed=config.seed) for m in config.models]
+    if dupes := sorted({r.name for r in refs if [x.name for x in refs].count(r.name) > 1}):
+        raise ProbeError(f"MODEL {', '.join(map(repr, dupes))} given more than once (as "
+                         f"{', '.join(repr(m) for m in config.models if normalise_model_name(m) in dupes)}); "
+                         "give each model once")
     if "zeroshot" in classification:
-        _check_zeroshot(refs)
+        _check_zeroshot(refs, random_init=config.random_init)
     dense_refs = [resolve_model(m, image_size=config.dense_image_size, pretrained=pretrained, seed=config.seed)
                   for m in config.models] if dense else []
     if config.dense_layers > 1:
@@ -282,11 +334,12 @@ def run_probe(config: ProbeConfig, *, progress: ProgressFn | None = None) -> Pro
                                  f"models; {ref.name!r} is a {ref.identity['card']['source']} model: probe it in "
                                  "a separate call with --dense-layers 1")
 
-    # 2. features and probes
+    # 2. features and probes; the reports are rewritten after each task group, so a later failure or an
+    # interrupt never loses the numbers already measured
     cache = FeatureCache(config.resolved_cache_dir)
     data_name = config.data_dir.resolve().name
     # a random-init model is a baseline next to the real one, never in its place
-    names = {m: m if pretrained else report_lib.random_init_name(m) for m in config.models}
+    names = {ref.name: ref.name if pretrained else report_lib.random_init_name(ref.name) for ref in refs}
     new = report_lib.empty_report()
     for ref in refs:
         new["models"][names[ref.name]] = ({"kind": ref.kind} if pretrained else
@@ -297,6 +350,10 @@ def run_probe(config: ProbeConfig, *, progress: ProgressFn | None = None) -> Pro
                 new["models"][names[ref.name]]["source_checkpoint"] = {"sha256": source.get("sha256"),
                                                                        "step": meta.get("step")}
         new["results"][names[ref.name]] = {}
+    out_dir = config.resolved_out_dir
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "config.toml").write_text(config.to_toml(), encoding="utf-8")
+    merged, files = None, []
     if classification:
         train, evaluation = splits["classification"]
         results = _classification(config, refs, train, evaluation, cache, device, progress)
@@ -305,6 +362,7 @@ def run_probe(config: ProbeConfig, *, progress: ProgressFn | None = None) -> Pro
             new["tasks"][key] = _task_info(config, task, evaluation)
             for ref in refs:
                 new["results"][names[ref.name]][key] = results[ref.name][task]
+        merged, files = _write(config, new)
     for task in dense:
         train, evaluation = splits[task]
         results = _dense(config, task, dense_refs, train, evaluation, cache, device, progress)
@@ -312,17 +370,8 @@ def run_probe(config: ProbeConfig, *, progress: ProgressFn | None = None) -> Pro
         new["tasks"][key] = _task_info(config, task, evaluation)
         for ref in dense_refs:
             new["results"][names[ref.name]][key] = results[ref.name][task]
-    new["rows"] = report_lib.flat_rows(new)
+        merged, files = _write(config, new)
 
-    # 3. reports
-    out_dir = config.resolved_out_dir
-    out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "config.toml").write_text(config.to_toml(), encoding="utf-8")
-    merged, files = report_lib.write_report(out_dir, new)
-    if config.run_dir is not None:
-        run_file = config.run_dir / "probe.json"
-        report_lib.write_json(run_file, report_lib.merge(report_lib.read_report(run_file), new, where=str(run_file)))
-        files.append(run_file)
     log.info("wrote %s", ", ".join(str(f) for f in files))
     return ProbeOutcome(new, merged, files)
 

@@ -282,7 +282,8 @@ class ModelRef:
     """A MODEL argument resolved without loading weights: enough to key the cache and to load it later.
 
     Attributes:
-        name: the MODEL argument as typed (the key in probe.json).
+        name: the key in probe.json: the MODEL argument as typed, a student folder normalised
+            (`normalise_model_name`).
         kind: `student` (an exported folder) or `teacher` (a registry alias, explicit spec or timm name).
         image_size: the side of the square input this model is fed.
         identity: what its features depend on (model, weights files, resolution); hashed into cache keys.
@@ -380,6 +381,12 @@ def is_student_dir(model: str) -> bool:
     return (Path(model).expanduser() / "unic.json").is_file()
 
 
+def normalise_model_name(model: str) -> str:
+    """The probe.json key of a MODEL: a student folder without `./` or a trailing `/` (shell completion adds
+    one), so `students/a/` and `students/a` are one model; any other MODEL as typed."""
+    return os.path.normpath(model) if is_student_dir(model) else model
+
+
 def _file_stamp(path: Path) -> dict:
     st = path.stat()
     return {"path": str(path.resolve()), "size": st.st_size, "mtime_ns": st.st_mtime_ns}
@@ -428,6 +435,12 @@ def _resolve_spec(model: str) -> TeacherSpec:
 
         if timm.is_model(spec.target.split(".")[0]):
             return parse_teacher_spec("timm:" + model)
+        name = spec.name
+        if spec.weights is None and ("/" in name or os.sep in name or name.startswith((".", "~"))):  # no alias does
+            what = "is a file, not a folder" if Path(model).expanduser().exists() else "does not exist"
+            raise ProbeError(f"MODEL {model!r} looks like a student folder, but it {what}; pass a folder written "
+                             "by `unic export` (check the path), a registry alias, a teacher spec or a timm model "
+                             "name") from None
         raise err
 
 
@@ -452,7 +465,7 @@ def resolve_model(model: str, *, image_size: int | None = None, pretrained: bool
         # "summary": how the summary token is read (v2: a register token is no summary; cached v1 features are stale)
         identity = {"kind": "student", "files": [_file_stamp(p) for p in files], "image_size": size,
                     "summary": 2, **extra}
-        return ModelRef(model, "student", size, identity, folder=folder)
+        return ModelRef(normalise_model_name(model), "student", size, identity, folder=folder)
     spec = _resolve_spec(model)
     card = resolve_card(spec)
     if image_size is not None and image_size != card.image_size:

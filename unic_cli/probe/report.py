@@ -138,22 +138,33 @@ def flat_rows(report: dict[str, Any]) -> list[dict[str, Any]]:
     return rows
 
 
+def best_reference(report: dict[str, Any]) -> dict[str, tuple[str, float, str]]:
+    """task key -> (model, score, "teacher" or "model"): the best teacher on that task (the best model when no
+    teacher was probed on it), the reference every gain is measured against."""
+    out = {}
+    for task_key, info in report["tasks"].items():
+        scores = {m: s for m in report["results"] if (s := score(report, m, task_key)) is not None}
+        teachers = {m: s for m, s in scores.items() if report["models"].get(m, {}).get("kind") == "teacher"}
+        pool = teachers or scores
+        if pool:
+            pick = max if info["higher_is_better"] else min
+            best = pick(pool, key=pool.__getitem__)
+            out[task_key] = (best, pool[best], "teacher" if teachers else "model")
+    return out
+
+
 def relative_scores(report: dict[str, Any]) -> dict[str, dict[str, float]]:
     """task key -> model -> relative gain (%) over the best teacher on that task (best model without teachers).
 
     For a lower-is-better metric (depth RMSE) the gain is best / score - 1, so positive always means better.
     """
     out = {}
-    for task_key, info in report["tasks"].items():
-        scores = {m: s for m in report["results"] if (s := score(report, m, task_key)) is not None}
-        if not scores:
-            continue
-        teachers = [s for m, s in scores.items() if report["models"].get(m, {}).get("kind") == "teacher"]
-        pool = teachers or list(scores.values())
-        higher = info["higher_is_better"]
-        best = max(pool) if higher else min(pool)
+    for task_key, (_, best, _) in best_reference(report).items():
+        higher = report["tasks"][task_key]["higher_is_better"]
         rel = {}
-        for model, value in scores.items():
+        for model in report["results"]:
+            if (value := score(report, model, task_key)) is None:
+                continue
             if higher:
                 rel[model] = 100.0 * (value / best - 1.0) if best > 0 else 0.0
             else:
@@ -181,13 +192,16 @@ def metric_columns(report: dict[str, Any], task_key: str) -> list[str]:
 
 def render_markdown(report: dict[str, Any]) -> str:
     """probe.md: one table per task, plus each model's gain over the best teacher."""
-    relative = relative_scores(report)
+    relative, best = relative_scores(report), best_reference(report)
     lines = ["# unic probe", "", "Gain: the primary metric relative to the best teacher on that task (to the best "
              "model when no teacher was probed); positive means better.", ""]
     for task_key, info in report["tasks"].items():
         columns = metric_columns(report, task_key)
         lines += [f"## {task_key}", "", f"`{info['data']}`, evaluated on {info['split']}/; primary metric "
                   f"**{info['primary']}** ({'higher' if info['higher_is_better'] else 'lower'} is better).", ""]
+        if task_key in best:
+            model, value, what = best[task_key]
+            lines += [f"Best {what}: `{model}` ({_fmt(value)}).", ""]
         lines.append("| model | kind | " + " | ".join(columns) + " | gain |")
         lines.append("|---|---|" + "---|" * (len(columns) + 1))
         for model, tasks in report["results"].items():
