@@ -497,3 +497,23 @@ def test_train_loader__leaves_the_global_rng_untouched(tiny_images):
     before = torch.get_rng_state()
     next(iter(loader))
     assert torch.equal(torch.get_rng_state(), before)
+
+
+def test_train_loader__an_unreadable_batch_keeps_the_ranks_in_step(tmp_path) -> None:
+    # batch size 1 per rank: the rank that draws the broken file has nothing to train on in that step
+    _write_folder(tmp_path, 3, classes=())
+    (tmp_path / "zz_broken.png").write_bytes(b"not an image")
+    ranks = [build_train_loader(tmp_path, image_size=SIZE, batch_size=1, rank=r, world_size=2, num_workers=0,
+                                seed=0, augment="none") for r in (0, 1)]
+    streams = [iter(loader) for loader in ranks]
+    repeats = 0
+    for step in range(8):  # four epochs: the broken file is drawn four times, by either rank
+        batches = [next(s) for s in streams]
+        assert ranks[0].state_dict() == ranks[1].state_dict(), step  # same position: nobody read ahead
+        assert all(len(b.images_BCHW) == 1 for b in batches)
+        for r, batch in enumerate(batches):
+            if step and batch.num_skipped:  # the rank that drew it trains on its previous batch again
+                repeats += 1
+                assert torch.equal(batch.images_BCHW, previous[r].images_BCHW)
+        previous = batches
+    assert sum(loader.num_skipped_total for loader in ranks) == 4 and repeats >= 3

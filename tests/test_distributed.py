@@ -106,3 +106,45 @@ def test_fsdp__one_process_matches_plain_and_saves_plain_tensors(tiny_teachers, 
     state = fsdp_ckpt["optimizer"]["state"]
     assert all(type(v) is torch.Tensor for s in state.values() for v in s.values())
     assert not torch.distributed.is_initialized()  # the run left no process group behind
+
+
+def _torchrun(teachers, data, out, **flags) -> subprocess.CompletedProcess:
+    args = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "unic_cli",
+            "distill", "--teachers", *teachers, "--data", str(data), "--out", str(out), *_flags(**flags)]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    return subprocess.run(args, env=env, capture_output=True, text=True, timeout=300)
+
+
+def _broken_folder(tiny_images, tmp_path, num_good: int):
+    folder = tmp_path / "data"
+    folder.mkdir()
+    for path in sorted(tiny_images.rglob("*.jpg"))[:num_good]:
+        shutil.copyfile(path, folder / path.name)
+    (folder / "zz_broken.jpg").write_bytes(b"not an image")
+    return folder
+
+
+@pytest.mark.slow  # two torchrun processes: about 20 s on 2 busy cores
+def test_torchrun__unreadable_images_at_batch_1_are_counted_over_all_ranks(tiny_teachers, tiny_images, tmp_path):
+    # 4 images, one broken, 1 per rank: 2 steps per epoch, so 4 steps draw the broken file exactly twice, on
+    # whichever rank; a rank left with no readable image repeats its previous batch and stays in step.
+    data = _broken_folder(tiny_images, tmp_path, num_good=3)
+    proc = _torchrun(tiny_teachers, data, tmp_path / "r", batch_size=1, **{**COMMON, "image_size": 32})
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "FutureWarning" not in proc.stderr  # DDP's deprecated broadcast_buffers, once per process
+    rows = _rows(tmp_path / "r")
+    assert [r["step"] for r in rows] == [1, 2, 3, 4] and rows[-1]["skipped_images"] == 2
+    ckpt = torch.load(tmp_path / "r" / "checkpoints" / "last.pt", weights_only=True)
+    assert ckpt["counters"]["skipped_images"] == 2 and ckpt["data"]["epoch"] == 2
+
+
+@pytest.mark.slow  # two torchrun processes: about 20 s on 2 busy cores
+def test_torchrun__a_rank_that_fails_does_not_leave_the_other_hanging(tiny_teachers, tiny_images, tmp_path):
+    # 1 readable image of 2 at 1 per rank: each epoch one rank has nothing to train on and stops with a DataError
+    data = _broken_folder(tiny_images, tmp_path, num_good=1)
+    proc = _torchrun(tiny_teachers, data, tmp_path / "r", batch_size=1, **{**COMMON, "image_size": 32})
+    out = proc.stdout + proc.stderr
+    assert proc.returncode != 0
+    assert "No readable image in a whole epoch for rank" in out
+    assert "lost contact with the other processes, most likely because one of them failed" in out
+    assert "]: Traceback" not in out  # neither worker prints a traceback (torchrun itself still does)

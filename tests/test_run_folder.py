@@ -191,3 +191,18 @@ def test_data_lost_mid_run__the_steps_trained_so_far_are_saved(tiny_teachers, ti
         run(config, hooks=LoseData())
     (tmp_path / "moved").rename(data)
     assert run(config, resume=True).step == 20
+
+
+def test_stop_request__the_launchers_echo_of_a_signal_does_not_kill():
+    # Under torchrun a Ctrl-C or a SLURM signal reaches a worker twice: directly, then forwarded by torchrun.
+    from unic_cli.distill import _StopRequest
+
+    before = signal.getsignal(signal.SIGINT)
+    with _StopRequest() as stop:
+        os.kill(os.getpid(), signal.SIGINT)
+        os.kill(os.getpid(), signal.SIGINT)  # the echo, milliseconds later: still stopping gracefully
+    assert stop.signal_name == "SIGINT" and signal.getsignal(signal.SIGINT) is before
+    with pytest.raises(KeyboardInterrupt):  # a deliberate second Ctrl-C after the grace period still interrupts
+        with _StopRequest(repeat_grace_s=0.0):
+            os.kill(os.getpid(), signal.SIGINT)
+            os.kill(os.getpid(), signal.SIGINT)

@@ -50,6 +50,8 @@ _FIXED_ON_RESUME = ("teachers", "student", "image_size", "shared_heads", "ladder
                     "ladder_last_hidden", "standardize", "seed")
 # --skip-nonfinite gives up after this many non-finite steps in a row: the run has diverged, not hiccuped.
 MAX_CONSECUTIVE_SKIPS = 20
+# A repeat of SIGINT/SIGTERM this soon after the first is the launcher forwarding it, not a user insisting.
+REPEAT_SIGNAL_GRACE_S = 3.0
 _RUN_FILES = ("config.toml", "metrics.jsonl", "run.json", "losses.png", "teacher_coefficients.png")
 
 
@@ -90,10 +92,15 @@ def total_steps(config: DistillConfig, loader_steps_per_epoch: int) -> tuple[int
 
 
 class _StopRequest:
-    """SIGINT/SIGTERM set a flag; the loop checkpoints at the next step boundary. A second signal kills."""
+    """SIGINT/SIGTERM set a flag; the loop checkpoints at the next step boundary. A second signal kills, unless
+    it comes within `repeat_grace_s` of the first: under torchrun a Ctrl-C (the terminal signals the whole
+    process group) or a SLURM signal (sent to every process of the job step) reaches each worker twice, directly
+    and forwarded by torchrun a moment later, and that echo must not kill the final checkpoint."""
 
-    def __init__(self) -> None:
+    def __init__(self, repeat_grace_s: float = REPEAT_SIGNAL_GRACE_S) -> None:
         self.signal_name: str | None = None
+        self.repeat_grace_s = repeat_grace_s
+        self._first_at = 0.0
         self._old = {}
 
     def __enter__(self):
@@ -103,8 +110,18 @@ class _StopRequest:
         return self
 
     def _handle(self, signum, frame) -> None:
-        self.signal_name = signal.Signals(signum).name
-        signal.signal(signum, self._old.get(signum, signal.SIG_DFL))  # the next one acts immediately
+        now = time.monotonic()
+        if self.signal_name is None:
+            self.signal_name, self._first_at = signal.Signals(signum).name, now
+            return
+        if now - self._first_at < self.repeat_grace_s:  # the launcher's echo of the first signal
+            return
+        old = self._old.get(signum, signal.SIG_DFL)  # a deliberate second signal acts as if we were not here
+        signal.signal(signum, old)
+        if callable(old):
+            old(signum, frame)  # Python's SIGINT handler: KeyboardInterrupt
+        elif old == signal.SIG_DFL:
+            os.kill(os.getpid(), signum)
 
     def __exit__(self, *exc) -> None:
         for sig, old in self._old.items():
@@ -345,7 +362,9 @@ def _train(config, dist, device, ckpt, earlier_run, *, hooks, timer) -> RunResul
         loader.load_state_dict(ckpt["data"])
         start_step, last_ckpt = ckpt["step"], Path(ckpt["path"])
         last_metrics = ckpt.get("last_metrics") or {}
-        counters.update(ckpt.get("counters") or {})
+        saved_counters = ckpt.get("counters") or {}
+        # skipped images are counted per rank and summed when logged: rank 0 carries the saved total
+        counters.update(saved_counters if dist.is_main else {"skipped_steps": saved_counters.get("skipped_steps", 0)})
         if start_step >= num_steps:
             log.info("%s already finished at step %d/%d (loss %s); nothing to do", run_dir, start_step, num_steps,
                      last_metrics.get("loss"))
@@ -369,9 +388,15 @@ def _train(config, dist, device, ckpt, earlier_run, *, hooks, timer) -> RunResul
         _write_text_atomic(run_dir / "config.toml", config.to_toml())
         _write_text_atomic(run_dir / "run.json", json.dumps({**info, "total_steps": num_steps}, indent=2) + "\n")
 
+    def run_counters() -> dict:
+        """The counters of the whole run (every rank calls this: skipped images are summed over ranks)."""
+        [skipped_images] = distributed.all_reduce_sum([counters["skipped_images"]])
+        return {**counters, "skipped_images": skipped_images}
+
     def checkpoint(step: int, last_metrics: dict, data_state: dict | None = None) -> Path | None:
         # With FSDP every rank takes part in gathering the full tensors; rank 0 writes.
         core = tr.core
+        total_counters = run_counters()
         student_state = distributed.full_state_dict(core.student.model, fsdp)
         ladder_state = distributed.full_state_dict(core.ladder, fsdp)
         optimizer_state = distributed.full_optimizer_state(tr.model, tr.optimizer, fsdp)
@@ -391,7 +416,7 @@ def _train(config, dist, device, ckpt, earlier_run, *, hooks, timer) -> RunResul
             "scheduler": {"step": step, "total_steps": num_steps, "peak_lr": peak_lr, "warmup_steps": warmup,
                           "global_batch": global_batch, "world_size": dist.world_size},
             "rng": rng_states(tr.generator), "data": data_state or loader.state_dict(), "last_metrics": last_metrics,
-            "counters": dict(counters),
+            "counters": total_counters,
         }
         path = save_checkpoint(payload, run_dir, keep=config.keep_checkpoints)
         hooks.on_checkpoint(path)
@@ -453,7 +478,8 @@ def _train(config, dist, device, ckpt, earlier_run, *, hooks, timer) -> RunResul
                 all_reduce_mean_(stats.metrics_TM)
                 all_reduce_mean_(stats.coeff_T)
                 elapsed = max(time.perf_counter() - window["t0"], 1e-9)
-                extra = {"epoch": step / steps_per_epoch, "images_per_sec": window["images"] / elapsed, **counters}
+                extra = {"epoch": step / steps_per_epoch, "images_per_sec": window["images"] / elapsed,
+                         **run_counters()}
                 last_metrics = _metrics_line(step, stats.loss, stats.metrics_TM, stats.coeff_T, config, lr, momentum,
                                              extra)
                 if dist.is_main:
@@ -469,7 +495,7 @@ def _train(config, dist, device, ckpt, earlier_run, *, hooks, timer) -> RunResul
     status = "interrupted" if step < num_steps else "done"
     if last_ckpt is None and dist.world_size > 1:  # only rank 0 writes; the others read where it did
         last_ckpt = find_checkpoint(run_dir)
-    if status == "interrupted":
+    if status == "interrupted" and dist.is_main:
         log.warning("%s at step %d/%d; checkpoint %s. Continue with --resume.", stop.signal_name, step,
                     num_steps, last_ckpt)
     return RunResult(run_dir, step, num_steps, status, last_ckpt, last_metrics, stop.signal_name)

@@ -11,11 +11,14 @@ DDP never needs `find_unused_parameters`) under DistributedDataParallel or, with
 
 from __future__ import annotations
 
+import inspect
 import os
 from dataclasses import dataclass
 
 import torch
 from torch import nn
+
+from unic_cli.errors import TrainingError
 
 
 @dataclass(frozen=True)
@@ -78,12 +81,37 @@ def barrier() -> None:
         torch.distributed.barrier()
 
 
+def _all_reduce(tensor: torch.Tensor) -> None:
+    """SUM-all-reduce that names the likely cause when a peer is gone.
+
+    When another process fails (a data error, out of memory) and exits, the survivors' next collective fails with
+    a transport error ("Connection closed by peer"); without this, each survivor prints a long traceback that hides
+    the real error printed by the failed process.
+    """
+    try:
+        torch.distributed.all_reduce(tensor)
+    except RuntimeError as err:  # DistBackendError and gloo's transport errors are RuntimeErrors
+        raise TrainingError(f"rank {torch.distributed.get_rank()} lost contact with the other processes, most "
+                            f"likely because one of them failed: see its error above ({err})") from None
+
+
 def all_reduce_mean_(tensor: torch.Tensor) -> torch.Tensor:
     """Average `tensor` in place across processes (no-op without a process group); no host sync."""
     if is_initialized() and (world_size := torch.distributed.get_world_size()) > 1:
-        torch.distributed.all_reduce(tensor)  # SUM then divide: gloo has no AVG
+        _all_reduce(tensor)  # SUM then divide: gloo has no AVG
         tensor.div_(world_size)
     return tensor
+
+
+def all_reduce_sum(values: list[int]) -> list[int]:
+    """Host integers summed over processes (identity without a process group); a host sync, for logging steps."""
+    if not is_initialized() or torch.distributed.get_world_size() == 1:
+        return list(values)
+    nccl = torch.distributed.get_backend() == "nccl"  # NCCL reduces device tensors only
+    device = torch.device("cuda", torch.cuda.current_device()) if nccl else torch.device("cpu")
+    tensor = torch.tensor(values, dtype=torch.int64, device=device)
+    _all_reduce(tensor)
+    return tensor.tolist()
 
 
 def broadcast_object(obj, src: int = 0):
@@ -120,8 +148,13 @@ def wrap(model: nn.Module, device: torch.device, *, fsdp: bool) -> nn.Module:
     from torch.nn.parallel import DistributedDataParallel
 
     device_ids = [device.index] if device.type == "cuda" else None
-    return DistributedDataParallel(model, device_ids=device_ids, broadcast_buffers=False,
-                                   gradient_as_bucket_view=True)
+    # torch >= 2.14 deprecates broadcast_buffers (a FutureWarning from every process); its successor still
+    # syncs buffers once at init, which is harmless here (every rank built or loaded identical statistics)
+    if "forward_sync_buffers" in inspect.signature(DistributedDataParallel.__init__).parameters:
+        buffers = {"forward_sync_buffers": False}
+    else:
+        buffers = {"broadcast_buffers": False}
+    return DistributedDataParallel(model, device_ids=device_ids, gradient_as_bucket_view=True, **buffers)
 
 
 def unwrap(model: nn.Module) -> nn.Module:

@@ -67,7 +67,9 @@ def _image_column(schema, origin: str) -> str:
         if name.lower() in _IMAGE_NAMES:
             return name
     raise DataError(f"{origin} has no image column (an `Image` feature, or a column named "
-                    f"{'/'.join(_IMAGE_NAMES)}); its columns are {schema.names}.")
+                    f"{'/'.join(_IMAGE_NAMES)}); its columns are {schema.names}. Mark the image column with "
+                    f"datasets: `ds.cast_column(NAME, datasets.Image())` (or `ds.rename_column(NAME, 'image')`), "
+                    f"then save the dataset again.")
 
 
 def _image_bytes(value, root: str) -> io.BytesIO | str:

@@ -38,7 +38,8 @@ _MAX_SKIP_WARNINGS = 20
 
 class Batch(NamedTuple):
     """One training batch: `images_BCHW` uint8 (pinned when CUDA is available) and how many images of
-    this batch (plus any wholly unreadable batch before it) were skipped as unreadable."""
+    this batch (plus any wholly unreadable batch before it) were skipped as unreadable. With several ranks, a
+    wholly unreadable batch is replaced by this rank's previous batch, repeated (keeps the ranks in step)."""
 
     images_BCHW: torch.Tensor
     num_skipped: int
@@ -241,20 +242,28 @@ class TrainLoader:
             self.dataset, batch_sampler=sampler, num_workers=self.num_workers, collate_fn=_collate_train,
             pin_memory=self.pin_memory, prefetch_factor=4 if self.num_workers else None,
             persistent_workers=False, generator=generator)
-        pending_skipped, empty_run = 0, 0
+        pending_skipped, empty_run, previous_BCHW = 0, 0, None
         for images_BCHW, skipped in _single_threaded(loader, self.num_workers):
             self.batch_index += 1
             if self.batch_index == self.steps_per_epoch:
                 self.epoch, self.batch_index = self.epoch + 1, 0
             self.skip_log.record(skipped)
             pending_skipped += len(skipped)
-            if not len(images_BCHW):  # every image of this batch was unreadable: fold it into the next
+            if not len(images_BCHW):  # every image of this batch was unreadable
                 empty_run += 1
                 if empty_run >= max(self.steps_per_epoch, 1):
-                    raise DataError(f"No readable image in a whole epoch of {self.dataset.source.root!r} "
+                    where = "" if self.world_size == 1 else f" for rank {self.rank} of {self.world_size}"
+                    raise DataError(f"No readable image in a whole epoch{where} of {self.dataset.source.root!r} "
                                     f"({self.skip_log.num_skipped} failed to decode); check the files.")
-                continue
+                if self.world_size > 1 and previous_BCHW is not None:
+                    # Under data parallelism every rank must stay at the same batch position (a checkpoint holds
+                    # rank 0's, and the global batch is cut from one permutation): repeat this rank's last batch
+                    # rather than reading ahead into the next global batch.
+                    yield Batch(previous_BCHW, pending_skipped)
+                    pending_skipped = 0
+                continue  # one process: fold it into the next batch
             empty_run = 0
+            previous_BCHW = images_BCHW
             yield Batch(images_BCHW, pending_skipped)
             pending_skipped = 0
 
