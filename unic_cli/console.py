@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 
 from rich.console import Console
 from rich.logging import RichHandler
@@ -15,9 +16,12 @@ err_console = Console(stderr=True, highlight=False)
 
 
 def print_error(err: UnicError) -> None:
-    """One clear message on stderr, no traceback."""
+    """One clear message on stderr, no traceback; under torchrun it names the process (each one prints its own)."""
+    world_size, rank = os.environ.get("WORLD_SIZE", "1"), os.environ.get("RANK", "0")
+    where = rf"\[rank {rank}/{world_size}] " if world_size.isdigit() and int(world_size) > 1 else ""
     # the message is plain text: escaped, so a "[...]" in it (a shape, a list of names) is printed, not markup
-    err_console.print(f"[bold red]Error:[/] {escape(str(err))}", markup=True, soft_wrap=True, highlight=False)
+    err_console.print(f"{where}[bold red]Error:[/] {escape(str(err))}", markup=True, soft_wrap=True,
+                      highlight=False)
 
 
 def setup_logging(verbose: bool = False) -> None:
