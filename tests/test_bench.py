@@ -47,3 +47,22 @@ def test_run_bench__sweeps_batch_sizes_on_real_data_and_reports_the_split(tiny_t
 ])
 def test_kernel_kind__real_kernel_and_op_names(name, kind):
     assert kernel_kind(name) == kind
+
+
+def test_flops_per_image__matches_a_hand_count():
+    """test_vit at 32 px (4 patches + a class token, 64-d, MLP 192, 6 blocks), one ladder block (the last)."""
+    from unic_cli.plan import flops_per_image
+
+    config = BenchConfig.from_sources(None, dict(teachers=("timm:test_vit",), student="test_vit", image_size=32,
+                                                 ladder_blocks="last", device="cpu"))
+    tokens, patches, dim, mlp = 5, 4, 64, 192
+    block = (2 * tokens * dim * 3 * dim  # qkv
+             + 2 * 2 * tokens * tokens * dim  # q @ k.T and attention @ v, all heads
+             + 2 * tokens * dim * dim  # output projection
+             + 2 * 2 * tokens * dim * mlp)  # MLP
+    vit = 6 * block + 2 * patches * (3 * 16 * 16) * dim  # + the patch embedding
+    # last-block heads: Linear(64, 4 x 64) - GELU - Linear(4 x 64, 64) on the summary and on each patch token
+    ladder = 2 * (1 + patches) * (dim * 4 * dim + 4 * dim * dim)
+    flops = flops_per_image(config)
+    assert flops == {"teachers": [vit], "student_and_ladder_forward": vit + ladder,
+                     "train_step": vit + 3 * (vit + ladder)}

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import subprocess
@@ -281,7 +282,7 @@ def _probe_report(entries):
 def test_export_student__card_keeps_only_this_exports_probe_rows(tmp_path, make_unic_checkpoint):
     ckpt_path = make_unic_checkpoint()
     run = ckpt_path.parent.parent
-    sha = export_mod._sha256(ckpt_path)
+    sha = hashlib.sha256(ckpt_path.read_bytes()).hexdigest()
     (run / "probe.json").write_text(json.dumps(_probe_report([
         ("students/step6", "student", {"source_checkpoint": {"sha256": "0" * 64}}, 0.5),
         ("students/last", "student", {"source_checkpoint": {"sha256": sha}}, 0.625),
@@ -328,6 +329,51 @@ def test_export_student__refuses_to_overwrite_unless_asked(exported):
     assert not (out / "heads.safetensors").exists()  # replaced, not merged
     with pytest.raises(ExportError, match="not a unic export"):
         export_student(ckpt_path, ckpt_path.parent, overwrite=True)  # never deletes an unrelated folder
+
+
+def test_export_student__provenance_is_of_the_weights_read_while_the_run_moves_on(tmp_path, make_unic_checkpoint,
+                                                                                   monkeypatch):
+    """A run still training replaces last.pt between the export's reads: sha256, step and path must all be of
+    the checkpoint whose weights were exported (they were of last.pt's next version)."""
+    import os
+
+    ckpts = tmp_path / "run" / "checkpoints"
+    first = _set_schedule(make_unic_checkpoint(ckpts / "step_0000003.pt"), step=3, total_steps=12)
+    later = _set_schedule(make_unic_checkpoint(ckpts / "step_0000012.pt", seed=1), step=12, total_steps=12)
+    os.link(first, ckpts / "last.pt")  # as unic distill links last.pt to the newest step
+    build_encoder = export_mod.build_encoder
+
+    def build_then_save_the_next_checkpoint(student):
+        os.link(later, ckpts / ".last.pt.tmp")  # unic distill's next save_checkpoint, mid-export
+        os.replace(ckpts / ".last.pt.tmp", ckpts / "last.pt")
+        return build_encoder(student)
+
+    monkeypatch.setattr(export_mod, "build_encoder", build_then_save_the_next_checkpoint)
+    out = export_student(tmp_path / "run", tmp_path / "student")
+    info = json.loads((out / "unic.json").read_text())
+    assert info["step"] == 3
+    assert info["source_checkpoint"]["sha256"] == hashlib.sha256(first.read_bytes()).hexdigest()
+    assert info["source_checkpoint"]["path"] == str(first.resolve())  # not last.pt, which has moved on
+    want = torch.load(first, weights_only=True)["student"]["state_dict"]["patch_embed.proj.weight"]
+    with safe_open(out / "model.safetensors", framework="pt") as f:
+        assert torch.equal(f.get_tensor("patch_embed.proj.weight"), want)
+
+
+def test_export_student__folder_is_readable_like_any_new_folder(tmp_path, make_unic_checkpoint):
+    import os
+    import stat
+
+    old_umask = os.umask(0o022)
+    try:
+        out = export_student(make_unic_checkpoint(), tmp_path / "student", keep_heads=("tiny_a",))
+        out = export_student(make_unic_checkpoint(), out, keep_heads=("tiny_a",), overwrite=True)
+    finally:
+        os.umask(old_umask)
+    assert stat.S_IMODE(out.stat().st_mode) == 0o755  # mkdtemp alone gives 0o700
+    modes = {p.name: stat.S_IMODE(p.stat().st_mode) for p in out.iterdir()}
+    assert modes == dict.fromkeys(["README.md", "config.json", "heads.safetensors", "model.safetensors",
+                                   "unic.json"], 0o644)  # safetensors alone writes 0o600
+    assert [p.name for p in tmp_path.iterdir() if p.name != "run"] == ["student"]  # no temporary or old folder
 
 
 @pytest.mark.parametrize("kind", ["missing", "random_pt", "text", "folder_without_checkpoint"])

@@ -19,10 +19,10 @@ from __future__ import annotations
 import contextlib
 import gc
 import logging
+import re
 import resource
 import sys
 import time
-import re
 from collections import defaultdict
 from pathlib import Path
 
@@ -230,16 +230,17 @@ def _time_steps(tr, warmup: int, flops: dict) -> dict:
         "fsdp": config.fsdp,
         "loss": float(stats.loss),
     }
-    if device.type == "cuda":
-        peak = bf16_peak_flops(result["device"])
-        result["bf16_peak_flops"] = peak
-        result["mfu"] = achieved / (peak * dist.world_size) if peak else None
+    # null off a known GPU (the CPU included): every result has the same keys
+    peak = bf16_peak_flops(result["device"]) if device.type == "cuda" else None
+    result["bf16_peak_flops"] = peak
+    result["mfu"] = achieved / (peak * dist.world_size) if peak else None
     return result
 
 
 # Kernel (GPU) or operator (CPU) names by kind, the first match wins: inductor's fused elementwise/reduction
-# kernels (on the CPU they run inside a compiled graph's call, whose self time they are), attention, matrix products (cuBLAS nvjet/xmma, CUTLASS, inductor's mm templates, cuDNN convolutions,
-# aten mm/bmm/addmm/baddbmm/linear and convolutions on the CPU), copies and fills, collectives.
+# kernels (on the CPU they run inside a compiled graph's call, whose self time they are), attention, matrix
+# products (cuBLAS nvjet/xmma, CUTLASS, inductor's mm templates, cuDNN convolutions, aten mm/bmm/addmm/baddbmm/
+# linear and convolutions on the CPU), copies and fills, collectives.
 _KINDS = (
     ("fused elementwise", re.compile(r"^triton_(?:poi|red|per)_|^cpp_fused_|^## Call CompiledFxGraph")),
     ("attention", re.compile(r"flash|fmha|attention|sdpa|scaled_dot_product", re.I)),

@@ -89,6 +89,8 @@ class CommandConfig:
     """Base of the per-command configs: layering, coercion, validation and TOML round trip."""
 
     command: ClassVar[str] = ""
+    # other commands whose config files this one reads too: command -> the keys it leaves out of them
+    other_commands_read: ClassVar[dict[str, tuple[str, ...]]] = {}
 
     @classmethod
     def field_defaults(cls) -> dict[str, Any]:
@@ -108,7 +110,11 @@ class CommandConfig:
             except (OSError, tomllib.TOMLDecodeError) as err:
                 raise ConfigError(f"cannot read config file {str(config_file)!r}: {err}") from None
             raw.pop("unic_version", None)
-            if raw.pop("command", cls.command) != cls.command:
+            command = raw.pop("command", cls.command)
+            if command in cls.other_commands_read:  # e.g. a run's config.toml for `unic bench`
+                for key in cls.other_commands_read[command]:
+                    raw.pop(key, None)
+            elif command != cls.command:
                 problems.append(f"{config_file} is not a `unic {cls.command}` config")
             for key in raw:
                 if key not in names:
@@ -530,6 +536,9 @@ class BenchConfig(DistillConfig):
     """
 
     command: ClassVar[str] = "bench"
+    # a run's config.toml times as is; its training length and data (often not on the benchmarking machine)
+    # are not used: bench times `steps` steps on a random batch unless --data is given
+    other_commands_read: ClassVar[dict[str, tuple[str, ...]]] = {"distill": ("steps", "epochs", "data_dir")}
 
     data_dir: Path | None = None
     steps: int | None = 5

@@ -24,6 +24,7 @@ import difflib
 import hashlib
 import json
 import logging
+import os
 import re
 import shutil
 import tempfile
@@ -81,21 +82,37 @@ def find_checkpoint(path: Path) -> Path:
     return found
 
 
-def read_checkpoint(path: Path) -> dict[str, Any]:
-    """Load a `unic distill` checkpoint on the CPU (weights_only) and check that it is one."""
+def read_checkpoint(path: Path) -> tuple[dict[str, Any], str, Path]:
+    """A `unic distill` checkpoint loaded on the CPU (weights_only) and checked, the sha256 of exactly the bytes
+    loaded, and a stable name for them.
+
+    One open file serves the hash and the load: a run that is still training replaces `last.pt` (and may
+    prune old `step_*.pt`) at any time, and an open file keeps its bytes, so the sha256 and step recorded in
+    `unic.json` always describe the weights exported. The stable name is the `step_*.pt` that `last.pt` is a hard
+    link to (where there is one): `last.pt` itself moves on with the run.
+    """
     not_unic = f"{str(path)!r} is not a unic checkpoint"
-    with open(path, "rb") as f:
-        magic = f.read(4)
-    if not (magic.startswith(b"PK\x03\x04") or magic[:1] == b"\x80"):  # torch's zip format, or a legacy pickle
-        raise CheckpointError(f"{not_unic} (not a PyTorch file); give a file written by `unic distill`")
     try:
-        with warnings.catch_warnings():  # torch warns about pickle protocols of foreign files: one message only
-            warnings.simplefilter("ignore")
-            ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:  # pickle, zip and torch errors all mean "not a checkpoint we can read"
-        reason = ("it holds objects that a safe weights_only load refuses" if "Weights only load failed" in str(err)
-                  else "a damaged PyTorch file")
-        raise CheckpointError(f"{not_unic} ({reason}); give a file written by `unic distill`") from None
+        f = open(path, "rb")
+    except FileNotFoundError:  # e.g. pruned by a running `unic distill --keep-checkpoints` since it was found
+        raise CheckpointError(f"{str(path)!r} no longer exists (a running `unic distill` may have pruned it); "
+                              "export the run folder, or a step it keeps") from None
+    with f:
+        magic = f.read(4)
+        if not (magic.startswith(b"PK\x03\x04") or magic[:1] == b"\x80"):  # torch's zip format, or a legacy pickle
+            raise CheckpointError(f"{not_unic} (not a PyTorch file); give a file written by `unic distill`")
+        f.seek(0)
+        sha256 = _sha256_of(f)
+        f.seek(0)
+        stable = _stable_name(path, os.fstat(f.fileno()))
+        try:
+            with warnings.catch_warnings():  # torch warns about pickle protocols of foreign files: one message only
+                warnings.simplefilter("ignore")
+                ckpt = torch.load(f, map_location="cpu", weights_only=True)
+        except Exception as err:  # pickle, zip and torch errors all mean "not a checkpoint we can read"
+            reason = ("it holds objects that a safe weights_only load refuses" if "Weights only load failed" in str(err)
+                      else "a damaged PyTorch file")
+            raise CheckpointError(f"{not_unic} ({reason}); give a file written by `unic distill`") from None
     if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT:
         found = f"format {ckpt.get('format')!r}" if isinstance(ckpt, dict) else type(ckpt).__name__
         raise CheckpointError(f"{not_unic} (found {found}); give a file written by `unic distill`")
@@ -106,14 +123,27 @@ def read_checkpoint(path: Path) -> dict[str, Any]:
     missing += [f"student.{k}" for k in _STUDENT_KEYS if k not in ckpt.get("student", {})]
     if missing:
         raise CheckpointError(f"{str(path)!r} is an incomplete unic checkpoint: missing {missing}")
-    return ckpt
+    return ckpt, sha256, stable
 
 
-def _sha256(path: Path) -> str:
+def _stable_name(path: Path, opened: os.stat_result) -> Path:
+    """The `step_*.pt` beside `path` that is the same file as the one opened (`last.pt` is a hard link to the
+    newest step), else `path`."""
+    if not Path(path).name.startswith("step_"):
+        for candidate in sorted(Path(path).parent.glob("step_*.pt"), reverse=True):
+            try:
+                st = candidate.stat()
+            except OSError:  # pruned meanwhile
+                continue
+            if (st.st_ino, st.st_dev) == (opened.st_ino, opened.st_dev):
+                return candidate
+    return Path(path)
+
+
+def _sha256_of(f) -> str:
     digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 22), b""):
-            digest.update(chunk)
+    for chunk in iter(lambda: f.read(1 << 22), b""):
+        digest.update(chunk)
     return digest.hexdigest()
 
 
@@ -581,6 +611,29 @@ def _check_out_dir(out_dir: Path, overwrite: bool) -> None:
                           "it even with --overwrite; choose another --out")
 
 
+def _share_like_a_new_folder(folder: Path) -> None:
+    """Give `folder` and its files the permissions of a freshly made folder and files (0o777 / 0o666 less the
+    umask): mkdtemp makes it owner-only (0o700) and safetensors writes owner-only (0o600) files, so an export on
+    a shared disk would otherwise be unreadable by the rest of the team."""
+    umask = os.umask(0)
+    os.umask(umask)
+    folder.chmod(0o777 & ~umask)
+    for path in folder.iterdir():
+        path.chmod(0o666 & ~umask)
+
+
+def _move_into_place(tmp: Path, out_dir: Path) -> None:
+    """Rename the verified `tmp` to `out_dir`; an earlier export there is renamed aside first and deleted only
+    after the new one is in place, so an interruption never leaves `out_dir` with neither export."""
+    old = None
+    if out_dir.exists() or out_dir.is_symlink():
+        old = out_dir.with_name(f"{tmp.name}.old")
+        out_dir.rename(old)
+    tmp.rename(out_dir)
+    if old is not None:
+        shutil.rmtree(old) if old.is_dir() and not old.is_symlink() else old.unlink()
+
+
 def export_student(checkpoint_or_run: str | Path, out_dir: str | Path, *, keep_heads: tuple[str, ...] = (),
                    overwrite: bool = False) -> Path:
     """Write a projector-free student folder that timm and transformers load as is, and verify it.
@@ -601,7 +654,7 @@ def export_student(checkpoint_or_run: str | Path, out_dir: str | Path, *, keep_h
     out_dir = Path(out_dir).expanduser()
     checkpoint = find_checkpoint(Path(checkpoint_or_run))
     _check_out_dir(out_dir, overwrite)
-    ckpt = read_checkpoint(checkpoint)
+    ckpt, sha256, stable = read_checkpoint(checkpoint)
     chosen = _resolve_keep_heads(tuple(keep_heads), ckpt)
     student = ckpt["student"]
     try:
@@ -627,7 +680,7 @@ def export_student(checkpoint_or_run: str | Path, out_dir: str | Path, *, keep_h
         "step": step,
         "total_steps": None if total_steps is None else int(total_steps),
         "finished": finished,
-        "source_checkpoint": {"path": str(checkpoint.resolve()), "sha256": _sha256(checkpoint),
+        "source_checkpoint": {"path": str(stable.resolve()), "sha256": sha256,
                               "unic_version": ckpt.get("unic_version")},
         "student": {
             "name": student["name"], "image_size": int(student["image_size"]),
@@ -672,9 +725,8 @@ def export_student(checkpoint_or_run: str | Path, out_dir: str | Path, *, keep_h
         info["verification"] = _verify(tmp, model, student, chosen)
         (tmp / "unic.json").write_text(json.dumps(info, indent=2) + "\n")
         (tmp / "README.md").write_text(_model_card(info, probe, timm_config), encoding="utf-8")
-        if out_dir.exists():
-            shutil.rmtree(out_dir) if out_dir.is_dir() else out_dir.unlink()
-        tmp.rename(out_dir)
+        _share_like_a_new_folder(tmp)
+        _move_into_place(tmp, out_dir)
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 
 import click
@@ -10,6 +11,8 @@ import click
 from unic_cli.cli import registry_option
 from unic_cli.commands.distill import _config_options  # the very same flags as `unic distill`
 from unic_cli.config import BenchConfig
+
+log = logging.getLogger("unic_cli")
 
 
 def _batch_sizes(ctx, param, value: str | None) -> tuple[int, ...] | None:
@@ -34,12 +37,16 @@ def _batch_sizes(ctx, param, value: str | None) -> tuple[int, ...] | None:
 @click.option("--config", "config_file", type=click.Path(dir_okay=False, path_type=Path),
               help="TOML setting any field (e.g. a run's config.toml); flags override it.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON line instead of a table.")
+@click.option("--dry-run", is_flag=True, help="Validate and print the FLOPs per image; time nothing.")
+@click.option("--overwrite", "--resume", "ignored_run_flag", is_flag=True, hidden=True)  # distill's, for its lines
 @registry_option
-def bench(more_teachers, teachers, config_file, as_json, **flags) -> None:
+def bench(more_teachers, teachers, config_file, as_json, dry_run, ignored_run_flag, **flags) -> None:
     """Time the real training step of any distill configuration, with random-init teachers and student.
 
-    Every `unic distill` flag is accepted (--steps counts timed steps here, default 5). Without --data the
-    step is fed a fixed random batch, so image decoding is not timed.
+    Every `unic distill` flag is accepted, so a distill command line runs as is: --steps counts timed steps
+    here (default 5), --epochs, --overwrite and --resume are ignored. --config also takes a run's config.toml
+    (its steps, epochs and data are not used). Without --data the step is fed a fixed random batch, so image
+    decoding is not timed.
 
     \b
     Example (the CPU reference of benchmarks/SPEED.md):
@@ -53,7 +60,16 @@ def bench(more_teachers, teachers, config_file, as_json, **flags) -> None:
         raise ConfigError(f"unexpected argument(s) {list(more_teachers)}; teachers go after --teachers")
     if config_file is not None and not Path(config_file).is_file():
         raise ConfigError(f"--config {str(config_file)!r} does not exist")
-    config = BenchConfig.from_sources(config_file, {**flags, "teachers": specs or None})
+    if flags.get("epochs") is not None:
+        log.info("--epochs %d ignored: bench times --steps steps (default 5)", flags["epochs"])
+        flags["epochs"] = None
+    if ignored_run_flag:
+        log.info("--overwrite / --resume ignored: bench writes no run and resumes none")
+    flags = {**flags, "teachers": specs or None}
+    config = BenchConfig.from_sources(config_file, flags)
+    if dry_run:
+        _print_dry_run(config, as_json)
+        return
 
     from unic_cli.bench import run_bench
 
@@ -67,6 +83,24 @@ def bench(more_teachers, teachers, config_file, as_json, **flags) -> None:
         click.echo(json.dumps(result))
         return
     _print_result(result)
+
+
+def _print_dry_run(config: BenchConfig, as_json: bool) -> None:
+    """The validated configuration's FLOPs (meta device: no weights, nothing timed)."""
+    from unic_cli.plan import flops_per_image
+
+    flops = flops_per_image(config)
+    global_batch = config.batch_size * config.grad_accum_steps
+    result = {"dry_run": True, "batch_size": config.batch_size, "global_batch": global_batch,
+              "flops_per_image": flops, "flops_per_step": flops["train_step"] * global_batch}
+    if as_json:
+        click.echo(json.dumps(result))
+        return
+    from unic_cli.console import console
+
+    console.print(f"Dry run: the configuration is valid; {flops['train_step'] / 1e9:.3f} GFLOP per image, "
+                  f"{result['flops_per_step'] / 1e9:.2f} GFLOP per step of {global_batch} image(s) (one process). "
+                  "Nothing was timed.", highlight=False)
 
 
 def _print_result(r: dict) -> None:
@@ -94,7 +128,8 @@ def _print_result(r: dict) -> None:
                      if r.get("mfu") is not None else ""))
     console.print(f"peak memory: host {gib(r['peak_host_mem_bytes'])}, device {gib(r['peak_device_mem_bytes'])}")
     if prof := r.get("profile"):
-        kinds = ", ".join(f"{kind} {100 * sec / (prof['total_sec'] or 1):.0f}%" for kind, sec in prof["by_kind_sec"].items())
+        kinds = ", ".join(f"{kind} {100 * sec / (prof['total_sec'] or 1):.0f}%"
+                          for kind, sec in prof["by_kind_sec"].items())
         console.print(f"profile of one step ({prof['clock']}, {prof['total_sec']:.3f} s): {kinds}; "
                       f"trace {prof['trace']}, table {prof['table']}")
     if len(r.get("sweep", [])) > 1:
