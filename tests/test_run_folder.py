@@ -120,6 +120,20 @@ def test_resume__changed_settings_are_named_and_the_earlier_ones_kept(tiny_teach
     assert earlier.base_lr == 1e-2 and DistillConfig.from_sources(tmp_path / "r" / "config.toml", {}).base_lr == 5e-3
 
 
+def test_resume__a_run_trained_by_epochs_continues_by_steps(tiny_teachers, tiny_images, tmp_path):
+    """`--resume --steps N` (or `--config RUN/config.toml --steps N`) on a run saved with `epochs`: the flag
+    replaces the file's training length instead of clashing with it."""
+    config = _config(tiny_teachers, tiny_images, tmp_path / "r", steps=None, epochs=1)
+    first = run(config)
+    saved = tmp_path / "r" / "config.toml"
+    assert "epochs = 1" in saved.read_text() and first.step == first.total_steps
+    longer = DistillConfig.from_sources(saved, {"steps": first.step + 2})
+    assert (longer.epochs, longer.steps) == (None, first.step + 2)
+    assert run(longer, resume=True).step == first.step + 2
+    with pytest.raises(ConfigError, match="not both"):  # both as flags is still a mistake
+        DistillConfig.from_sources(saved, {"steps": 3, "epochs": 2})
+
+
 def test_resume__a_damaged_last_checkpoint_falls_back_to_the_newest_readable(tiny_teachers, tiny_images, tmp_path,
                                                                              caplog):
     config = _config(tiny_teachers, tiny_images, tmp_path / "r", checkpoint_every=1)

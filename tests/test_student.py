@@ -39,7 +39,7 @@ def test_student__state_dict_is_plain_timm():
     ("resnet18", 64, "unic students must be a timm ViT"),
     ("swin_tiny_patch4_window7_224", 224, "is a timm SwinTransformer; unic students must be"),
     ("vit_smal_patch16_224", 224, "Did you mean 'vit_small_patch16_224'"),
-    ("test_vit", 70, "not a multiple of test_vit's patch size 16"),
+    ("test_vit", 70, "not a multiple of test_vit's patch size 16; use 64 or 80."),
 ])
 def test_build_student__clear_errors(name, size, message):
     with pytest.raises(ConfigError, match=message):

@@ -29,6 +29,7 @@ from pathlib import Path
 import torch
 
 from unic_cli.config import DistillConfig
+from unic_cli.devices import resolve_device
 
 log = logging.getLogger("unic_cli")
 
@@ -122,12 +123,12 @@ def run_bench(config: DistillConfig, *, warmup: int = 2, batch_sizes: tuple[int,
     """
     from dataclasses import replace
 
-    from unic_cli import distill, distributed, train_step
+    from unic_cli import distributed, train_step
     from unic_cli.distributed import dist_info
 
     config = replace(config, random_init_teachers=True)
     dist = dist_info()
-    device, created = distributed.setup(dist, distill.resolve_device(config.device), fsdp=config.fsdp)
+    device, created = distributed.setup(dist, resolve_device(config.device), fsdp=config.fsdp)
     try:
         t_build = time.perf_counter()
         tr = train_step.build_trainer(config, device, dist, init_on_device=True)

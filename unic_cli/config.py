@@ -23,6 +23,7 @@ if sys.version_info >= (3, 11):
 else:  # pragma: no cover
     import tomli as tomllib
 
+from unic_cli.devices import device_problem
 from unic_cli.errors import ConfigError
 
 C = TypeVar("C", bound="CommandConfig")
@@ -91,6 +92,9 @@ class CommandConfig:
     command: ClassVar[str] = ""
     # other commands whose config files this one reads too: command -> the keys it leaves out of them
     other_commands_read: ClassVar[dict[str, tuple[str, ...]]] = {}
+    # settings that replace each other: a flag for one drops the others' values from the file (a run's
+    # config.toml says `epochs = 1`; `--resume --steps 600` means steps now, not both)
+    alternatives: ClassVar[tuple[tuple[str, ...], ...]] = ()
 
     @classmethod
     def field_defaults(cls) -> dict[str, Any]:
@@ -122,11 +126,15 @@ class CommandConfig:
                     hint = f"; did you mean {close[0]!r}?" if close else ""
                     problems.append(f"{config_file}: unknown key {key!r}{hint}")
             values.update({k: v for k, v in raw.items() if k in names})
-        for key, value in (flags or {}).items():
+        given = {key: value for key, value in (flags or {}).items() if value is not None and value != ()}
+        for key in (flags or {}):
             if key not in names:
                 raise TypeError(f"{cls.__name__} has no field {key!r}")  # a programming error, not a user one
-            if value is not None and value != ():
-                values[key] = value
+        for group in cls.alternatives:
+            if [key for key in group if key in given]:
+                for key in group:
+                    values.pop(key, None)
+        values.update(given)
         for f in fields(cls):
             if f.name not in values:
                 if f.default is MISSING and f.default_factory is MISSING:
@@ -259,6 +267,7 @@ class DistillConfig(CommandConfig):
     """
 
     command: ClassVar[str] = "distill"
+    alternatives: ClassVar[tuple[tuple[str, ...], ...]] = (("epochs", "steps"),)
 
     teachers: tuple[str, ...]
     data_dir: Path
@@ -365,9 +374,8 @@ class DistillConfig(CommandConfig):
         if not (len(self.crop_scale) == 2 and 0.0 < self.crop_scale[0] <= self.crop_scale[1] <= 1.0):
             problems.append(f"--crop-scale must be two fractions 0 < MIN <= MAX <= 1 (e.g. 0.35 1), "
                             f"got {' '.join(map(str, self.crop_scale))}")
-        device = self.device
-        if not (device in ("auto", "cpu", "cuda") or (device.startswith("cuda:") and device[5:].isdigit())):
-            problems.append(f"--device must be auto, cpu, cuda or cuda:N, got {device!r}")
+        if problem := device_problem(self.device):
+            problems.append(problem)
         for name in ("teacher_dtype", "student_dtype"):
             if getattr(self, name) not in ("auto", "bf16", "fp32"):
                 problems.append(f"--{name.replace('_', '-')} must be auto, bf16 or fp32, got {getattr(self, name)!r}")
@@ -514,9 +522,8 @@ class ProbeConfig(CommandConfig):
             problems.append(f"--depth-scale must be > 0, got {self.depth_scale}")
         if bad := [t for t in self.prompt_templates if "{}" not in t]:
             problems.append(f"prompt templates need a '{{}}' for the class name: {bad}")
-        device = self.device
-        if not (device in ("auto", "cpu", "cuda") or (device.startswith("cuda:") and device[5:].isdigit())):
-            problems.append(f"--device must be auto, cpu, cuda or cuda:N, got {device!r}")
+        if problem := device_problem(self.device):
+            problems.append(problem)
         return problems
 
 

@@ -221,8 +221,11 @@ def run_demo(config: DemoConfig, *, hooks=None, progress=None) -> DemoResult:
     start = time.perf_counter()
     out = config.out_dir
     if out.is_dir() and config.overwrite:
-        for name in ("data", "run", "student", "probe"):
-            shutil.rmtree(out / name, ignore_errors=True)
+        for name in ("data", "run", "student", "probe", "probe-random-init", "distill.toml"):  # with older demos
+            if (out / name).is_dir():
+                shutil.rmtree(out / name, ignore_errors=True)
+            else:
+                (out / name).unlink(missing_ok=True)
     out.mkdir(parents=True, exist_ok=True)
     data = prepare_demo_data(out / "data", seed=config.seed)
     seconds["data"] = time.perf_counter() - start
@@ -231,7 +234,6 @@ def run_demo(config: DemoConfig, *, hooks=None, progress=None) -> DemoResult:
     distill_config = DistillConfig.from_sources(None, {
         **DEMO_DISTILL, "teachers": DEMO_TEACHERS, "data_dir": data["distill"], "out_dir": out / "run",
         "steps": config.steps, "checkpoint_every": config.steps, "device": config.device, "seed": config.seed})
-    (out / "distill.toml").write_text(distill_config.to_toml(), encoding="utf-8")
     result = run_distill(distill_config, hooks=hooks)
     if result.status != "done":
         raise ConfigError(f"the demo's distillation stopped at step {result.step}/{result.total_steps} "
@@ -245,25 +247,23 @@ def run_demo(config: DemoConfig, *, hooks=None, progress=None) -> DemoResult:
 
     t = time.perf_counter()
     models = (str(student_dir), *DEMO_TEACHERS)
-    reports: dict[str, dict[str, Any]] = {}
     # The same student architecture with random weights is the baseline that says what distillation added:
-    # on tasks this small, even random features score well above chance.
-    for kind, probed, random_init in (("probe", models, False), ("probe-random-init", models[:1], True)):
+    # on tasks this small, even random features score well above chance. Its rows ("MODEL (random init)") go
+    # into the same report, so OUT/probe/probe.md shows the student, its baseline and the teachers together.
+    for probed, random_init in ((models, False), (models[:1], True)):
         for name in ("faces", "photo-crops"):
             probe_config = ProbeConfig.from_sources(None, {
-                **DEMO_PROBE, "models": probed, "data_dir": data[name], "out_dir": out / kind,
+                **DEMO_PROBE, "models": probed, "data_dir": data[name], "out_dir": out / "probe",
                 "random_init": random_init, "device": config.device, "seed": config.seed})
-            reports[kind] = run_probe(probe_config, progress=progress).merged
+            merged = run_probe(probe_config, progress=progress).merged
     seconds["probe"] = time.perf_counter() - t
     seconds["total"] = time.perf_counter() - start
-
-    merged, baseline = reports["probe"], reports["probe-random-init"]
     tasks = {key: {"title": f"{info['task']} {Path(info['data']).name}", "metric": info["primary"]}
              for key, info in merged["tasks"].items()}
     rows = [{"name": f"student ({DEMO_DISTILL['student']}, distilled)", "kind": "student",
              "scores": {key: score(merged, models[0], key) for key in tasks}},
             {"name": f"student ({DEMO_DISTILL['student']}, random init)", "kind": "baseline",
-             "scores": {key: score(baseline, random_init_name(models[0]), key) for key in tasks}}]
+             "scores": {key: score(merged, random_init_name(models[0]), key) for key in tasks}}]
     for spec in DEMO_TEACHERS:
         alias, _, size = spec.partition("?image_size=")
         rows.append({"name": f"{alias} ({size} px)", "kind": "teacher",

@@ -35,6 +35,7 @@ from unic_cli import __version__
 from unic_cli.checkpoint import (find_checkpoint, load_checkpoint, remove_stale_temporaries, restore_rng_states,
                                  rng_states, save_checkpoint)
 from unic_cli.config import DistillConfig
+from unic_cli.devices import resolve_device
 from unic_cli import distributed
 from unic_cli.distributed import all_reduce_mean_, dist_info
 from unic_cli.errors import ConfigError, TrainingError
@@ -73,14 +74,6 @@ class RunResult:
     checkpoint: Path | None
     last_metrics: dict = field(default_factory=dict)
     signal_name: str | None = None
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise ConfigError(f"--device {name}: CUDA is not available on this machine; use --device cpu")
-    return torch.device(name)
 
 
 def total_steps(config: DistillConfig, loader_steps_per_epoch: int) -> tuple[int, int]:

@@ -267,7 +267,8 @@ def plan_distillation(config: DistillConfig) -> dict:
     Returns `describe()`'s dict plus the data size and schedule, FLOPs per image (teachers forward, student
     and ladder forward + backward) and a rough peak-memory estimate at the chosen batch size.
     """
-    from unic_cli.distill import resolve_device, total_steps
+    from unic_cli.devices import resolve_device
+    from unic_cli.distill import total_steps
 
     device = resolve_device(config.device)
     model, teachers = build_meta(config)

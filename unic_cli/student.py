@@ -149,6 +149,7 @@ def build_student(name: str, *, image_size: int, drop_path_rate: float = 0.0) ->
         raise ConfigError(f"--student {name!r} is a timm {family}; unic students must be {SUPPORTED_HINT}.")
     patch = model.patch_embed.patch_size[0]
     if image_size % patch:
+        below, above = image_size // patch * patch, (image_size // patch + 1) * patch
         raise ConfigError(f"--image-size {image_size} is not a multiple of {name}'s patch size {patch}; "
-                          f"use {image_size // patch * patch or patch}.")
+                          f"use {f'{below} or {above}' if below else above}.")
     return Student(model, name=name, model_args=model_args)

@@ -38,6 +38,7 @@ def test_export__cli_writes_a_loadable_folder(tmp_path, make_unic_checkpoint):
         ("random_pt", "is not a unic checkpoint"),
         ("out_exists", "already exists; pass --overwrite"),
         ("bad_alias", "Did you mean 'tiny_nc'"),
+        ("heads_before_the_run", "Did you mean 'tiny_nc'"),  # not "'tiny_nc' does not exist"
     ],
 )
 def test_export__bad_input_is_one_message_and_exit_2(tmp_path, make_unic_checkpoint, case, message):
@@ -54,7 +55,10 @@ def test_export__bad_input_is_one_message_and_exit_2(tmp_path, make_unic_checkpo
         (out / "something.txt").write_text("keep me")
     else:
         extra = ["--keep-heads", "tiny_n"]
-    result = CliRunner().invoke(unic, ["export", str(source), "--out", str(out), *extra])
+    args = ["export", str(source), "--out", str(out), *extra]
+    if case == "heads_before_the_run":  # click reads `--keep-heads a b RUN` as --keep-heads a, RUN=b, extra RUN
+        args = ["export", "--keep-heads", "tiny_n", "tiny_nc", str(source), "--out", str(out)]
+    result = CliRunner().invoke(unic, args)
     assert result.exit_code == 2, result.output
     assert message in result.output and "Traceback" not in result.output
     assert result.output.count("Error") == 1

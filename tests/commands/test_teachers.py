@@ -98,3 +98,13 @@ def test_cli__teachers_json_end_to_end_in_a_subprocess():
     out = subprocess.run([unic_bin, "teachers", "--json"], capture_output=True, text=True, check=True,
                          env={**os.environ, "HF_HUB_OFFLINE": "1"})
     assert len(json.loads(out.stdout)) >= 25
+
+
+@pytest.mark.parametrize("device, message", [
+    ("gpu", "--device must be auto, cpu, cuda or cuda:N, got 'gpu'"),
+    pytest.param("cuda", "CUDA is not available on this machine; use --device cpu",
+                 marks=pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="this machine has CUDA")),
+])
+def test_teachers_check__bad_device_is_one_message(device, message):
+    result, out = _run("teachers", "check", "timm:test_vit", "--random-init", "--device", device)
+    assert result.exit_code == 2 and message in out and "Traceback" not in out

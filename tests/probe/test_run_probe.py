@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from pathlib import Path
 
 import pytest
 
@@ -246,3 +247,11 @@ def test_run_probe__depth_without_valid_pixels_is_refused_and_seg_results_are_ke
     # the seg probe of the same call finished first: its numbers are in probe.json
     saved = json.loads((tmp_path / "out" / "probe.json").read_text())
     assert list(saved["results"][model]) == ["seg/dense"] and (tmp_path / "out" / "probe.md").is_file()
+
+
+def test_run_probe__saved_config_reruns_from_another_folder(tmp_path, class_data, teacher_weights, monkeypatch):
+    monkeypatch.chdir(class_data.parent)
+    run_probe(_knn((_teachers(teacher_weights)[0],), Path(class_data.name), out_dir=tmp_path / "out"))
+    monkeypatch.chdir(tmp_path)
+    again = ProbeConfig.from_sources(tmp_path / "out" / "config.toml", {})
+    assert again.data_dir == class_data.resolve() and run_probe(again).merged["results"]

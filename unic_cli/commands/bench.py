@@ -28,7 +28,10 @@ def _batch_sizes(ctx, param, value: str | None) -> tuple[int, ...] | None:
 @click.argument("more_teachers", nargs=-1, metavar="")
 @click.option("--teachers", "-t", multiple=True, metavar="SPEC [SPEC ...]",
               help="Teachers (random weights are used whatever the spec).")
-@_config_options
+@_config_options(hidden=("--out", "--epochs", "--log-every", "--checkpoint-every", "--keep-checkpoints"),
+                 helps={"--steps": "Timed steps, after --warmup untimed ones  [default: 5].",
+                        "--data": "Time with real images from this folder (decoding included); default: a fixed "
+                                  "random batch."})
 @click.option("--warmup", type=int, help="Untimed steps before the timed --steps  [default: 2].")
 @click.option("--try-batch-sizes", callback=_batch_sizes, metavar="N,N,..",
               help="Per-process batch sizes to try in turn; reports the fastest that fits.")

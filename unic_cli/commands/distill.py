@@ -34,7 +34,7 @@ _FLAGS = [
                                                  "processes x --grad-accum-steps).", "batch_size"))),
     (("--epochs",), dict(type=int, help=f"Training length in epochs  [default: {DistillConfig.DEFAULT_EPOCHS}].")),
     (("--steps",), dict(type=int, help="Training length in optimiser steps (instead of --epochs).")),
-    (("--device",), dict(metavar="auto|cpu|cuda", help=_help("Where to train.", "device"))),
+    (("--device",), dict(metavar="auto|cpu|cuda|cuda:N", help=_help("Where to train.", "device"))),
     (("--teacher-drop-prob",), dict(type=float, help=_help("Teacher dropping p (Eq. 4); 0 turns it off.",
                                                            "teacher_drop_prob"))),
     (("--standardize/--no-standardize",), dict(default=None, help=_help("EMA feature standardisation of teacher "
@@ -88,10 +88,18 @@ _FLAGS = [
 ]
 
 
-def _config_options(fn):
-    for decls, kwargs in reversed(_FLAGS):
-        fn = click.option(*decls, **kwargs)(fn)
-    return fn
+def _config_options(fn=None, *, hidden: tuple[str, ...] = (), helps: dict[str, str] | None = None):
+    """Every DistillConfig flag; `hidden` flags are accepted but not listed, `helps` replaces help texts
+    (for `unic bench`, which takes a distill command line as is but writes no run)."""
+    def apply(fn):
+        for decls, kwargs in reversed(_FLAGS):
+            extra = {"hidden": True} if decls[0] in hidden else {}
+            if helps and decls[0] in helps:
+                extra["help"] = helps[decls[0]]
+            fn = click.option(*decls, **{**kwargs, **extra})(fn)
+        return fn
+
+    return apply(fn) if fn is not None else apply
 
 
 @click.command(context_settings={"max_content_width": 110})

@@ -35,6 +35,12 @@ def export(checkpoint: Path, more_heads: tuple[str, ...], out: Path, keep_heads:
     from unic_cli.config import ExportConfig
 
     # click has no variadic options: "--keep-heads a b" parses as --keep-heads a, plus extra argument b
+    if keep_heads and more_heads and not checkpoint.exists():
+        # "--keep-heads a b RUN": click took b for RUN and RUN for a head; the one existing path is the run
+        existing = [h for h in more_heads if Path(h).exists()]
+        if len(existing) == 1:
+            more_heads = (str(checkpoint), *(h for h in more_heads if h != existing[0]))
+            checkpoint = Path(existing[0])
     if more_heads and not keep_heads:
         raise click.UsageError(f"unexpected extra argument(s) {' '.join(more_heads)}; export takes one "
                                "RUN_OR_CHECKPOINT")

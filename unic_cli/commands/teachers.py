@@ -149,7 +149,8 @@ def show(spec: str, image_size: int, patch_size: int, as_json: bool) -> None:
 @click.argument("spec")
 @_student_grid_options
 @click.option("--random-init", is_flag=True, help="Build the architecture without loading weights.")
-@click.option("--device", default="cpu", show_default=True, help="Where to run the check (cpu, cuda, cuda:1).")
+@click.option("--device", default="cpu", show_default=True,
+              help="Where to run the check: cpu, cuda, cuda:N, or auto (cuda when available).")
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
 @registry_option
 def check(spec: str, image_size: int, patch_size: int, random_init: bool, device: str, as_json: bool) -> None:
@@ -164,9 +165,14 @@ def check(spec: str, image_size: int, patch_size: int, random_init: bool, device
       unic teachers check 'dinov2_g=/weights/dinov2_vitg14.safetensors' --image-size 224 --patch-size 14
     """
     grid = _student_grid(image_size, patch_size)
+    from unic_cli.devices import device_problem, resolve_device
+    from unic_cli.errors import ConfigError
+
+    if problem := device_problem(device):  # before torch loads
+        raise ConfigError(problem)
     from unic_cli.teachers import check_teacher  # imports torch
 
-    report = check_teacher(spec, grid=grid, pretrained=not random_init, device=device)
+    report = check_teacher(spec, grid=grid, pretrained=not random_init, device=str(resolve_device(device)))
     if as_json:
         click.echo(json.dumps(report, indent=2))
         return

@@ -10,16 +10,17 @@ probe.png. Probes never touch training code: a student is read from its exported
 from __future__ import annotations
 
 import json
-
 import logging
+import os
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from unic_cli.config import ProbeConfig
+from unic_cli.devices import resolve_device
 from unic_cli.errors import ProbeError
 from unic_cli.probe import report as report_lib
 from unic_cli.probe.dense import run_depth_probe, run_seg_probe
@@ -63,14 +64,6 @@ class ProbeOutcome:
     report: dict[str, Any]
     merged: dict[str, Any]
     files: list[Path]
-
-
-def _device(name: str) -> str:
-    if name == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise ProbeError(f"--device {name} asked for, but no CUDA device is available; use --device cpu")
-    return name
 
 
 def _free(device: str) -> None:
@@ -299,7 +292,7 @@ def run_probe(config: ProbeConfig, *, progress: ProgressFn | None = None) -> Pro
         ...                                           "data_dir": "data/pets"}))
     """
     progress = progress or (lambda label, done, total: None)
-    device = _device(config.device)
+    device = str(resolve_device(config.device))
     tasks = list(dict.fromkeys(config.tasks))
     classification = [t for t in tasks if t in ("knn", "linear", "zeroshot")]
     dense = [t for t in tasks if t in ("seg", "depth")]
@@ -352,7 +345,10 @@ def run_probe(config: ProbeConfig, *, progress: ProgressFn | None = None) -> Pro
         new["results"][names[ref.name]] = {}
     out_dir = config.resolved_out_dir
     out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "config.toml").write_text(config.to_toml(), encoding="utf-8")
+    # folders absolute, as in a distill run's config.toml: `unic probe --config OUT/config.toml` works from anywhere
+    absolute = {name: Path(os.path.abspath(getattr(config, name))) for name in ("data_dir", "run_dir", "cache_dir")
+                if getattr(config, name) is not None}
+    (out_dir / "config.toml").write_text(replace(config, **absolute).to_toml(), encoding="utf-8")
     merged, files = None, []
     if classification:
         train, evaluation = splits["classification"]
