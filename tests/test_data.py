@@ -253,6 +253,82 @@ def test_augment_unic__seeded_uint8_and_varied() -> None:
     assert len({v.float().mean().item() for v in views}) == 8
 
 
+def _colour_test_image() -> torch.Tensor:
+    """Noise plus the awkward pixels of an RGB -> HSV round trip: grays, black, white, pure and tied hues."""
+    image_CHW = torch.from_numpy(np.random.default_rng(0).integers(0, 256, (3, 40, 48), dtype=np.uint8))
+    image_CHW[:, :4] = image_CHW[:1, :4]
+    image_CHW[:, 4, :24], image_CHW[:, 4, 24:] = 0, 255
+    for row, rgb in enumerate([(255, 0, 0), (0, 255, 0), (0, 0, 255), (200, 200, 3), (3, 200, 200), (200, 3, 200)]):
+        image_CHW[:, 5 + row] = torch.tensor(rgb, dtype=torch.uint8)[:, None]
+    return image_CHW
+
+
+def test_colour_jitter__matches_torchvision_bit_for_bit() -> None:
+    from torchvision.transforms.v2 import functional as TF
+
+    from unic_cli.data.image import adjust_brightness, adjust_contrast, adjust_hue, adjust_saturation
+
+    image_CHW = _colour_test_image()
+    rng = np.random.default_rng(1)
+    hues = [0.0, 0.5, -0.5, 1e-9, -1e-9, 1 / 6, -1 / 3] + list(rng.uniform(-0.5, 0.5, 30))
+    for hue in hues:
+        assert torch.equal(adjust_hue(image_CHW, float(hue)), TF.adjust_hue(image_CHW, float(hue))), hue
+    for factor in rng.uniform(0.6, 1.4, 10):
+        for ours, theirs in [(adjust_brightness, TF.adjust_brightness), (adjust_contrast, TF.adjust_contrast),
+                             (adjust_saturation, TF.adjust_saturation)]:
+            assert torch.equal(ours(image_CHW, float(factor)), theirs(image_CHW, float(factor))), (ours, factor)
+
+
+def test_gaussian_blur__matches_torchvision_within_one_level() -> None:
+    from torchvision.transforms.v2 import functional as TF
+
+    from unic_cli.data.image import gaussian_blur
+
+    image_CHW = _colour_test_image()
+    for sigma in [0.1, 0.7, 2.0, 5.0]:
+        diff = gaussian_blur(image_CHW, sigma).int() - TF.gaussian_blur(image_CHW, [9, 9], [sigma, sigma]).int()
+        assert diff.abs().max() <= 1 and (diff != 0).float().mean() < 1e-3
+
+
+def test_augment_unic__same_draws_and_pixels_as_the_torchvision_recipe() -> None:
+    """The recipe written with torchvision's ops (as naver/unic does): identical except blur's rounding."""
+    from torchvision.transforms.v2 import functional as TF
+
+    from unic_cli.data.image import random_resized_crop_box, to_tensor
+
+    img = Image.fromarray(np.random.default_rng(0).integers(0, 256, (50, 70, 3), dtype=np.uint8))
+    ops = (TF.adjust_brightness, TF.adjust_contrast, TF.adjust_saturation, TF.adjust_hue)
+    for seed in range(24):
+        rng = np.random.default_rng(seed)
+        box = random_resized_crop_box(img.width, img.height, rng)
+        view = img.resize((SIZE, SIZE), Image.Resampling.BICUBIC, box=box)
+        if rng.random() < 0.5:
+            view = view.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+        expected = to_tensor(view)
+        if rng.random() < 0.8:
+            factors = (rng.uniform(0.6, 1.4), rng.uniform(0.6, 1.4), rng.uniform(0.8, 1.2), rng.uniform(-0.1, 0.1))
+            for op in rng.permutation(4):
+                expected = ops[op](expected, float(factors[op]))
+        if rng.random() < 0.2:
+            expected = TF.rgb_to_grayscale(expected, num_output_channels=3)
+        blurred = rng.random() < 0.2
+        if blurred:
+            sigma = float(rng.uniform(0.1, 5.0))
+            expected = TF.gaussian_blur(expected, kernel_size=[9, 9], sigma=[sigma, sigma])
+        if rng.random() < 0.2:
+            expected = torch.where(expected >= 128, 255 - expected, expected)
+        got = augment_unic(img, SIZE, np.random.default_rng(seed))
+        assert (got.int() - expected.int()).abs().max() <= (1 if blurred else 0), seed
+
+
+def test_random_resized_crop_box__pinned_regions_for_a_seed() -> None:
+    """The crop region is part of the recipe (and of exact resume): a change here must be deliberate."""
+    from unic_cli.data.image import random_resized_crop_box
+
+    boxes = [random_resized_crop_box(500, 375, np.random.default_rng(seed)) for seed in range(3)]
+    assert boxes == [(302, 35, 431, 206), (19, 3, 385, 285), (219, 48, 450, 308)]
+
+
 def _frame(side: int = 96) -> Image.Image:
     """White square inside a black frame a quarter of the side wide: corners dark, centre bright."""
     pixels = np.zeros((side, side, 3), dtype=np.uint8)

@@ -99,7 +99,13 @@ def _stack(samples: Sequence[_Sample]) -> tuple[torch.Tensor, list[tuple[str, st
     kept = [s.image_CHW for s in samples if s.image_CHW is not None]
     skipped = [(s.path, s.error) for s in samples if s.image_CHW is None]
     if kept:
-        images_BCHW = torch.stack(kept)
+        out = None
+        if torch.utils.data.get_worker_info() is not None:
+            # Stack straight into shared memory (as torch's default_collate does): otherwise the batch is copied
+            # there once more when it is sent to the main process.
+            storage = kept[0].untyped_storage()._new_shared(len(kept) * kept[0].numel())
+            out = torch.empty(0, dtype=torch.uint8).set_(storage).view(len(kept), *kept[0].shape)
+        images_BCHW = torch.stack(kept, out=out)
     else:
         images_BCHW = torch.empty(0, 3, 0, 0, dtype=torch.uint8)
     return images_BCHW, skipped, [s.image_CHW is not None for s in samples]
