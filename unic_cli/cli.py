@@ -57,7 +57,7 @@ class _LazyGroup(click.Group):
     def resolve_command(self, ctx, args):
         try:
             return super().resolve_command(ctx, args)
-        except click.UsageError as err:
+        except click.UsageError:
             if args and args[0] not in _COMMANDS:
                 import difflib
 
@@ -74,6 +74,11 @@ class _LazyGroup(click.Group):
 
             print_error(err)
             ctx.exit(err.exit_code)
+        except KeyboardInterrupt:  # Ctrl-C where no command handles it itself (distill checkpoints and exits)
+            from unic_cli.console import err_console
+
+            err_console.print("Interrupted.", highlight=False)
+            ctx.exit(130)  # the shell's code for SIGINT (click's own "Aborted!" exits 1)
 
 
 def _add_registry(ctx: click.Context, param: click.Parameter, value: tuple[Path, ...]) -> tuple[Path, ...]:

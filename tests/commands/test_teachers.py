@@ -108,3 +108,13 @@ def test_cli__teachers_json_end_to_end_in_a_subprocess():
 def test_teachers_check__bad_device_is_one_message(device, message):
     result, out = _run("teachers", "check", "timm:test_vit", "--random-init", "--device", device)
     assert result.exit_code == 2 and message in out and "Traceback" not in out
+
+
+def test_cli__ctrl_c_is_one_line_and_exit_130(tmp_path):
+    # a module whose import is interrupted: the same KeyboardInterrupt a Ctrl-C raises mid-command
+    (tmp_path / "slow_teacher.py").write_text("raise KeyboardInterrupt\n")
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(tmp_path)}
+    proc = subprocess.run([sys.executable, "-m", "unic_cli", "teachers", "check", "py:slow_teacher:make"],
+                          capture_output=True, text=True, env=env, timeout=120)
+    assert proc.returncode == 130 and proc.stderr.strip().splitlines()[-1] == "Interrupted.", proc.stderr
+    assert "Traceback" not in proc.stderr and "Aborted" not in proc.stderr

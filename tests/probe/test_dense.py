@@ -50,3 +50,40 @@ def test_run_depth_probe__bins_and_regression_recover_depth():
         # 4x4 grid, hence not 1.0
         assert metrics["delta1"] > 0.7 and metrics["rmse"] < 0.5, (bins, metrics)
         assert metrics["head"] == ("bins" if bins else "regression")
+
+
+def _row_store(tmp_path, patch_MND, rows_per_chunk=5):
+    from unic_cli.probe.features import Features, FeatureStore
+
+    store = FeatureStore(tmp_path / f"m-{len(patch_MND)}-patch-0123")
+    for start in range(0, len(patch_MND), rows_per_chunk):
+        part = patch_MND[start : start + rows_per_chunk]
+        store.write_chunk(start, {"patch": part, "ok": torch.ones(len(part), dtype=torch.bool)}, "test")
+    store.finish(len(patch_MND), {})
+    return Features(store)["patch"]
+
+
+def test_run_seg_probe__memory_mapped_features_give_the_same_scores(tmp_path):
+    # the path ADE20K-size features take (read per batch from the cache) must equal the in-memory one
+    train_x, train_y = _scene(12, seed=0)
+    test_x, test_y = _scene(4, seed=1)
+    args = dict(grid=(4, 4), num_classes=3, num_steps=30, batch_size=4, lr=3e-2)
+    plain = run_seg_probe(train_x, train_y.to(torch.uint8), test_x, test_y, **args)
+    mapped = run_seg_probe(_row_store(tmp_path, train_x), train_y.to(torch.uint8), _row_store(tmp_path, test_x),
+                           test_y, **args)
+    assert mapped == plain
+    depth_y = train_y.float() + 1
+    args = dict(grid=(4, 4), num_steps=20, batch_size=4, num_bins=8)
+    assert (run_depth_probe(_row_store(tmp_path, train_x), depth_y, test_x, test_y.float() + 1, **args)
+            == run_depth_probe(train_x, depth_y, test_x, test_y.float() + 1, **args))
+
+
+def test_channel_stats__streamed_subset_equals_the_in_memory_subset(tmp_path):
+    from unic_cli.probe.dense import _channel_stats
+
+    patch_MND = torch.randn(13, 16, 8).half()
+    for max_rows in (7, 50, 10_000):  # strides across chunk and image boundaries, and no stride
+        want = _channel_stats(patch_MND, torch.device("cpu"), max_rows=max_rows)
+        got = _channel_stats(_row_store(tmp_path, patch_MND, rows_per_chunk=3), torch.device("cpu"),
+                             max_rows=max_rows)
+        assert all(torch.equal(a, b) for a, b in zip(got, want))

@@ -4,6 +4,10 @@ from __future__ import annotations
 
 import os
 import shutil
+import signal
+import subprocess
+import sys
+import time
 
 import pytest
 import torch
@@ -119,3 +123,145 @@ def test_extract_features__unreadable_images_are_flagged_not_fatal(tmp_path, cla
                            num_workers=0, device="cpu")["val"][ref.name]
     broken = [p.name for p in split.images].index("broken.png")
     assert out["ok"].sum() == len(split.images) - 1 and not out["ok"][broken]
+
+
+def _extract(refs, splits, cache_dir, **kwargs):
+    args = dict(kind="pooled", cache=FeatureCache(cache_dir), batch_size=4, num_workers=0, device="cpu")
+    return extract_features(refs, splits, **{**args, **kwargs})
+
+
+def test_run_jobs__an_interrupted_pass_resumes_after_its_last_whole_chunk(tmp_path, class_data, teacher_weights,
+                                                                          caplog):
+    ref = resolve_model(f"timm:test_vit?image_size=32&weights={teacher_weights['test_vit']}")
+    split = list_class_split(class_data / "train")  # 24 images; 2 KiB of features per batch of 4
+    plain = _extract([ref], [split], tmp_path / "plain")["train"][ref.name]
+    cache = FeatureCache(tmp_path / "cache")
+    folder = cache.path(ref, split, "pooled")
+
+    def ctrl_c(label, done, total):  # the user presses Ctrl-C once 18 images are through
+        if done >= 18:
+            raise KeyboardInterrupt
+
+    # a 4 KiB chunk holds 2 batches (2 KiB each): chunks of images 0-8 and 8-16 are written, 16-18 are lost
+    caplog.set_level("INFO", logger="unic_cli")
+    with pytest.raises(KeyboardInterrupt):
+        _extract([ref], [split], cache.root, chunk_bytes=4096, progress=ctrl_c)
+    assert "features of images 0-16 of 24 are kept" in caplog.text
+    chunks = sorted(folder.iterdir())
+    assert [p.name for p in chunks] == ["rows-000000000-000000008.safetensors", "rows-000000008-000000016.safetensors"]
+    stamps = [p.stat().st_mtime_ns for p in chunks]
+    from safetensors.torch import load_file
+
+    assert load_file(chunks[1])["summary"].shape == (8, 64)  # chunks are plain safetensors files
+    assert cache.features(folder) is None  # not complete: never read as a cache hit
+    seen = []
+    resumed = _extract([ref], [split], cache.root, chunk_bytes=4096,
+                       progress=lambda label, done, total: seen.append(done))["train"][ref.name]
+    assert seen[0] == 16 and seen[-1] == 24  # only the last 8 images were decoded and encoded
+    assert "resuming train/ features at image 16 of 24" in caplog.text
+    assert [p.stat().st_mtime_ns for p in chunks] == stamps
+    for key in ("summary", "patch_mean", "ok"):
+        torch.testing.assert_close(resumed[key], plain[key], rtol=0, atol=0)
+
+
+def test_feature_store__damaged_or_foreign_chunks_are_redone(tmp_path, class_data, teacher_weights, caplog):
+    refs = [resolve_model(f"timm:{n}?image_size=32&weights={teacher_weights[n]}") for n in ("test_vit", "test_vit2")]
+    split = list_class_split(class_data / "val")  # 12 images
+    plain = {name: feats["summary"] for name, feats in  # read now: the files are damaged below
+             _extract(refs, [split], tmp_path / "a", chunk_bytes=4096)["val"].items()}
+    cache = FeatureCache(tmp_path / "a")
+    first, second = (cache.path(ref, split, "pooled") for ref in refs)
+    assert first != second  # another model never shares an entry
+    last = sorted(first.glob("rows-*"))[-1]
+    last.write_bytes(last.read_bytes()[:-10])  # a chunk cut short (a dying disk)
+    middle = sorted(first.glob("rows-*"))[0]
+    shutil.copy(sorted(second.glob("rows-*"))[0], middle)  # the other model's rows under this entry's name
+    caplog.set_level("WARNING", logger="unic_cli")
+    again = _extract(refs, [split], tmp_path / "a", chunk_bytes=4096)["val"]
+    assert caplog.text.count("is damaged") == 2 and "do not match" in caplog.text
+    assert "lacks rows it once held" in caplog.text  # a complete entry is checked too, not trusted
+    for ref in refs:
+        torch.testing.assert_close(again[ref.name]["summary"], plain[ref.name], rtol=0, atol=0)
+
+
+def test_run_jobs__a_full_disk_names_the_cache_and_the_fix(tmp_path, class_data, teacher_weights):
+    ref = resolve_model(f"timm:test_vit?image_size=32&weights={teacher_weights['test_vit']}")
+    split = list_class_split(class_data / "val")
+    folder = FeatureCache(tmp_path / "cache").path(ref, split, "pooled")
+    folder.mkdir(parents=True)
+    # /dev/full answers every write with ENOSPC, as a full disk does
+    (folder / f".rows-000000000-000000012.safetensors.tmp{os.getpid()}").symlink_to("/dev/full")
+    with pytest.raises(ProbeError, match=r"disk holding the feature cache .* is full .*--cache-dir.* resumes"):
+        _extract([ref], [split], tmp_path / "cache")
+    from unic_cli.probe.features import Job, _check_disk
+
+    with pytest.raises(ProbeError, match=r"need about .* GiB in the cache .* free"):
+        _check_disk([Job("m", 32, folder, lambda im: {}, {})], {"m": 2**50}, {"m": 10**6})
+
+
+def test_row_store__memory_mapped_rows_equal_the_loaded_tensor(tmp_path):
+    from unic_cli.probe.features import FeatureStore, Features
+
+    patch_MND = torch.randn(10, 6, 4).half()
+    store = FeatureStore(tmp_path / "m-val-patch-0123")
+    for start in range(0, 10, 3):  # chunks of 3, 3, 3, 1 rows
+        store.write_chunk(start, {"patch": patch_MND[start : start + 3], "ok": torch.ones(3, dtype=torch.bool)[
+            : len(patch_MND[start : start + 3])]}, "test")
+    store.finish(10, {})
+    rows = Features(store)["patch"]
+    assert rows.shape == (10, 6, 4) and rows.nbytes == patch_MND.numel() * 2
+    idx = torch.tensor([9, 0, 4, 4, 3])
+    assert torch.equal(rows.take(idx), patch_MND[idx]) and torch.equal(rows.load(), patch_MND)
+    keep = torch.tensor([True, False] * 5)
+    assert torch.equal(rows[keep].take(torch.tensor([4, 1])), patch_MND[keep][[4, 1]])
+    assert torch.equal(rows[keep].take(slice(1, 3)), patch_MND[keep][1:3])
+
+
+@pytest.mark.slow
+def test_extract_features__a_killed_process_is_resumed(tmp_path, class_data, teacher_weights):
+    """SIGKILL (no cleanup at all) a real extraction after two chunks; the next call computes only the rest."""
+    model = f"timm:test_vit?image_size=32&weights={teacher_weights['test_vit']}"
+    script = f"""
+import time, torch
+from pathlib import Path
+from unic_cli.probe.features import FeatureCache, extract_features, list_class_split, resolve_model
+torch.set_num_threads(1)
+extract_features([resolve_model({model!r})], [list_class_split(Path({str(class_data / 'train')!r}))],
+                 kind="pooled", cache=FeatureCache(Path({str(tmp_path / 'cache')!r})), batch_size=4, num_workers=0,
+                 device="cpu", chunk_bytes=4096, progress=lambda label, done, total: time.sleep(0.5))
+"""
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    proc = subprocess.Popen([sys.executable, "-c", script], env=env)
+    ref, split = resolve_model(model), list_class_split(class_data / "train")
+    folder = FeatureCache(tmp_path / "cache").path(ref, split, "pooled")
+    deadline = time.monotonic() + 60
+    while len(list(folder.glob("rows-*"))) < 2 and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    chunks = {p.name: p.stat().st_mtime_ns for p in folder.glob("rows-*")}
+    assert 2 <= len(chunks) < 3 and not (folder / "complete.json").exists()
+    seen = []
+    resumed = _extract([ref], [split], tmp_path / "cache", chunk_bytes=4096,
+                       progress=lambda label, done, total: seen.append(done))["train"][ref.name]
+    assert seen[0] == 16  # decoding started after the two whole chunks
+    assert all(p.stat().st_mtime_ns == chunks[p.name] for p in folder.glob("rows-*") if p.name in chunks)
+    plain = _extract([ref], [split], tmp_path / "plain")["train"][ref.name]
+    torch.testing.assert_close(resumed["summary"], plain["summary"], rtol=0, atol=0)
+
+
+def test_run_jobs__models_resuming_at_different_images_share_one_pass(tmp_path, class_data, teacher_weights):
+    refs = [resolve_model(f"timm:{n}?image_size=32&weights={teacher_weights[n]}") for n in ("test_vit", "test_vit2")]
+    split = list_class_split(class_data / "train")
+    plain = {n: f["summary"] for n, f in _extract(refs, [split], tmp_path / "plain")["train"].items()}
+
+    def ctrl_c(label, done, total):
+        if done >= 18:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):  # the first model alone: chunks of images 0-8 and 8-16
+        _extract(refs[:1], [split], tmp_path / "cache", chunk_bytes=4096, progress=ctrl_c)
+    # both models, batches of 5: the second starts at image 0, the first joins inside the batch of images 15-19
+    both = _extract(refs, [split], tmp_path / "cache", chunk_bytes=4096, batch_size=5)["train"]
+    for ref in refs:
+        torch.testing.assert_close(both[ref.name]["summary"], plain[ref.name], rtol=0, atol=0)

@@ -34,3 +34,17 @@ def test_run_knn_probe__k_larger_than_train_set_uses_all_samples():
     train = torch.eye(3)
     metrics = run_knn_probe(train, torch.tensor([0, 1, 2]), train, torch.tensor([0, 1, 2]), num_classes=3, ks=(20,))
     assert metrics == {"top1_k20": 1.0}
+
+
+def test_run_knn_probe__train_chunks_merged_top_k_equals_the_plain_probe():
+    # ImageNet-size train sets go to the device in chunks; the merged top-k must give the same votes
+    gen = torch.Generator().manual_seed(0)
+    train, test = torch.randn(500, 16, generator=gen), torch.randn(70, 16, generator=gen)
+    train_labels, test_labels = torch.randint(0, 12, (500,), generator=gen), torch.randint(0, 12, (70,), generator=gen)
+    args = dict(num_classes=12, ks=(1, 10, 20))
+    plain = run_knn_probe(train, train_labels, test, test_labels, **args)
+    for train_chunk_size, chunk_size in ((64, 7), (7, 1024), (499, 3)):
+        chunked = run_knn_probe(train, train_labels, test, test_labels, train_chunk_size=train_chunk_size,
+                                chunk_size=chunk_size, **args)
+        assert chunked == plain, (train_chunk_size, chunk_size)
+    assert 0 < plain["top1_k10"] < 1

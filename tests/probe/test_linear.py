@@ -46,3 +46,14 @@ def test_run_linear_probe__is_deterministic_for_a_seed():
     one = run_linear_probe(x, y, x, y, num_classes=3, num_steps=30, seed=5)
     two = run_linear_probe(x, y, x, y, num_classes=3, num_steps=30, seed=5)
     assert one == two
+
+
+def test_accuracy_g__row_chunks_give_the_same_accuracy():
+    from unic_cli.probe.linear import _accuracy_G
+
+    gen = torch.Generator().manual_seed(0)
+    x_ND, y_N = torch.randn(101, 8, generator=gen), torch.randint(0, 7, (101,), generator=gen)
+    W_GDC, b_GC = torch.randn(3, 8, 7, generator=gen), torch.randn(3, 7, generator=gen)
+    for topk in (1, 5):
+        want = _accuracy_G(x_ND, y_N, W_GDC, b_GC, topk=topk)
+        assert torch.equal(_accuracy_G(x_ND, y_N, W_GDC, b_GC, topk=topk, max_logits=3 * 7 * 10), want)

@@ -71,9 +71,27 @@ def _free(device: str) -> None:
         torch.cuda.empty_cache()
 
 
+def _gib(num_bytes: float) -> str:
+    return f"{num_bytes / 2**30:.1f} GiB"
+
+
+def _memory_budget(device: str) -> int:
+    """Bytes of features a probe may load at once on `device`: half its free memory (the rest for the head,
+    batches, and other processes). Above it, dense probes read batches from the memory-mapped cache."""
+    if device.startswith("cuda"):
+        return torch.cuda.mem_get_info(torch.device(device))[0] // 2
+    try:  # MemAvailable counts the page cache the kernel can drop (free pages alone do not)
+        with open("/proc/meminfo", encoding="ascii") as f:
+            return next(int(line.split()[1]) * 1024 for line in f if line.startswith("MemAvailable:")) // 2
+    except (OSError, StopIteration, ValueError):  # not Linux
+        return 8 * 2**30
+
+
 def _ok_rows(feats: dict[str, torch.Tensor], *arrays: torch.Tensor) -> list[torch.Tensor]:
     """Drop the rows of unreadable images from the features' companions (labels, targets)."""
     ok = feats["ok"]
+    if bool(ok.all()):  # the usual case: no copy (ImageNet train summaries are 7.4 GiB per ViT-G feature)
+        return list(arrays)
     return [a[ok] for a in arrays]
 
 
@@ -127,7 +145,7 @@ def _zeroshot_inputs(ref: ModelRef, eval_split: Split, eval_feats: dict[str, tor
     space = clip_space_of(clip, teacher["alias"])
     kind = f"clip-{teacher['alias']}"
     path = cache.path(ref, eval_split, kind)
-    cached = cache.load(path)
+    cached = cache.features(path)
     if cached is None:
         head = load_student(ref.folder, device=device).heads[teacher["alias"]]
 
@@ -151,25 +169,32 @@ def _classification(config: ProbeConfig, refs: list[ModelRef], train: Split | No
     train_labels = torch.tensor(train.labels) if train is not None else None
     eval_labels = torch.tensor(evaluation.labels)
     results: dict[str, dict[str, dict]] = {ref.name: {} for ref in refs}
+    # features are read from the cache one model at a time, and patch means only when the linear probe uses
+    # them: ImageNet train with a ViT-G is 7.4 GiB per feature in float32
+    with_patch = "linear" in config.tasks and config.concat_patch_mean
     for ref in refs:
+        summary_train = patch_train = x_train = x_eval = None  # free the previous model's rows before reading
         ev = eval_feats[ref.name]
-        y_eval, summary_eval, patch_eval = _ok_rows(ev, eval_labels, ev["summary"], ev["patch_mean"])
+        y_eval, summary_eval = _ok_rows(ev, eval_labels, ev["summary"])
+        patch_eval = _ok_rows(ev, ev["patch_mean"])[0] if with_patch else None
         if train is not None:
             tr = train_feats[ref.name]
-            y_train, summary_train, patch_train = _ok_rows(tr, train_labels, tr["summary"], tr["patch_mean"])
+            y_train, summary_train = _ok_rows(tr, train_labels, tr["summary"])
+            patch_train = _ok_rows(tr, tr["patch_mean"])[0] if with_patch else None
         if "knn" in config.tasks:
             if too_big := [k for k in config.knn_ks if k > len(y_train)]:
                 log.warning("%s: k = %s exceed(s) the %d training images, so top1_k%d and the like vote over all "
                             "of them; give knn_ks <= %d (--config) for a k-NN score", ref.name, too_big, len(y_train),
                             too_big[0], len(y_train))
             log.info("%s: k-NN on %d train / %d %s images", ref.name, len(y_train), len(y_eval), evaluation.name)
-            results[ref.name]["knn"] = run_knn_probe(
-                summary_train.to(device), y_train, summary_eval.to(device), y_eval, num_classes=num_classes,
-                ks=config.knn_ks, temperature=config.knn_temperature)
+            results[ref.name]["knn"] = run_knn_probe(  # train rows go to the device chunk by chunk
+                summary_train, y_train, summary_eval, y_eval, num_classes=num_classes, ks=config.knn_ks,
+                temperature=config.knn_temperature, device=device)
         if "linear" in config.tasks:
             x_train, x_eval = summary_train, summary_eval
             if config.concat_patch_mean:
                 x_train, x_eval = torch.cat([x_train, patch_train], 1), torch.cat([x_eval, patch_eval], 1)
+                del patch_train, patch_eval
             log.info("%s: linear probe, %d settings", ref.name, len(config.linear_lrs) * len(config.linear_weight_decays))
             results[ref.name]["linear"] = run_linear_probe(
                 x_train.to(device), y_train, x_eval.to(device), y_eval, num_classes=num_classes,
@@ -192,8 +217,7 @@ def _seg_classes(config: ProbeConfig, train_masks: torch.Tensor, eval_masks: tor
     Labels are counted in the evaluation masks too: a class that only the evaluation split holds must count as
     missed pixels, not vanish from pixel accuracy and mIoU.
     """
-    train_values = set(torch.unique(train_masks).tolist())
-    eval_values = set(torch.unique(eval_masks).tolist())
+    train_values, eval_values = _labels_in(train_masks), _labels_in(eval_masks)
     values = sorted(train_values | eval_values)
     labels = [v for v in values if v != config.ignore_index and v >= 0]
     if config.ignore_index not in values:
@@ -211,6 +235,16 @@ def _seg_classes(config: ProbeConfig, train_masks: torch.Tensor, eval_masks: tor
     if not [v for v in train_values if v != config.ignore_index and v >= 0]:
         raise ProbeError(f"the training masks hold no label other than the ignore index {config.ignore_index}")
     return max(labels) + 1
+
+
+def _labels_in(masks_MHW: torch.Tensor) -> set[int]:
+    """The label values of uint8 masks, counted 64 images at a time (torch.unique would sort every pixel)."""
+    if masks_MHW.dtype != torch.uint8:
+        return set(torch.unique(masks_MHW).tolist())
+    counts = torch.zeros(256, dtype=torch.long)
+    for start in range(0, masks_MHW.shape[0], 64):
+        counts += torch.bincount(masks_MHW[start : start + 64].flatten(), minlength=256)
+    return set(counts.nonzero().flatten().tolist())
 
 
 def _span(labels: list[int]) -> str:
@@ -245,13 +279,20 @@ def _dense(config: ProbeConfig, task: str, refs: list[ModelRef], train: Split, e
     results: dict[str, dict[str, dict]] = {}
     for ref in refs:
         tr, ev = train_feats[ref.name], eval_feats[ref.name]
-        x_train, y_train = _ok_rows(tr, tr["patch"], train_targets)
+        x_train, y_train = _ok_rows(tr, tr["patch"], train_targets)  # memory-mapped RowStores: nothing read yet
         x_eval, y_eval = _ok_rows(ev, ev["patch"], eval_targets)
         grid = tuple(int(g) for g in tr["grid"][0])
         args = dict(grid=grid, num_steps=config.dense_steps, batch_size=config.dense_batch_size, lr=config.dense_lr,
-                    weight_decay=config.dense_weight_decay, seed=config.seed)
+                    weight_decay=config.dense_weight_decay, seed=config.seed, device=device)
         log.info("%s: %s probe on a %dx%d grid of %d-d patch tokens", ref.name, task, *grid, x_train.shape[-1])
-        x_train = x_train.to(device)
+        budget = _memory_budget(device)
+        if x_train.nbytes <= budget:  # the fast path: every row in memory, on the device
+            x_train = x_train.load().to(device)
+        else:
+            log.info("%s: %s of train patch tokens exceed the %s this probe allows itself on %s: each step reads "
+                     "its batch from the memory-mapped cache", ref.name, _gib(x_train.nbytes), _gib(budget), device)
+        if x_eval.nbytes <= _memory_budget("cpu"):
+            x_eval = x_eval.load()
         if task == "seg":
             metrics = run_seg_probe(x_train, y_train, x_eval, y_eval, num_classes=num_classes,
                                     ignore_index=config.ignore_index, **args)

@@ -5,6 +5,9 @@ Shape legend: B batch, N patch tokens (h*w), D token width, K outputs (classes o
 The head is one linear map per patch token (a 1x1 convolution on the patch grid); its logits are upsampled
 bilinearly to the target's size and trained there, so the probe measures the patch tokens only. Features are
 standardised per channel with training statistics, which makes one learning rate fit every encoder.
+
+Patch features are a tensor or, when they do not fit in memory, a memory-mapped `RowStore` from the feature
+cache: each training step then reads its batch's rows from disk; both give the same numbers.
 """
 
 from __future__ import annotations
@@ -14,6 +17,10 @@ from typing import Literal
 
 import torch
 import torch.nn.functional as F
+
+from unic_cli.probe.features import RowStore
+
+Patches = torch.Tensor | RowStore
 
 
 class _Head(torch.nn.Module):
@@ -30,20 +37,44 @@ class _Head(torch.nn.Module):
         return F.interpolate(logits_BKhw, size=size, mode="bilinear", align_corners=False)  # [B, K, H, W]
 
 
-def _channel_stats(patch_MND: torch.Tensor, max_rows: int = 200_000) -> tuple[torch.Tensor, torch.Tensor]:
-    rows_ND = patch_MND.flatten(0, 1)
-    if rows_ND.shape[0] > max_rows:  # a strided subset is plenty for per-channel moments
-        rows_ND = rows_ND[:: rows_ND.shape[0] // max_rows + 1]
-    rows_ND = rows_ND.float()
+def _rows(patch_MND: Patches, idx: torch.Tensor | slice, device: torch.device) -> torch.Tensor:
+    """Rows of a tensor or of a memory-mapped RowStore (read from disk now), on `device`."""
+    if isinstance(patch_MND, RowStore):
+        return patch_MND.take(idx.cpu() if isinstance(idx, torch.Tensor) else idx).to(device, non_blocking=True)
+    return patch_MND[idx.to(patch_MND.device) if isinstance(idx, torch.Tensor) else idx].to(device)
+
+
+def _device_of(patch_MND: Patches, device: torch.device | str | None) -> torch.device:
+    if device is not None:
+        return torch.device(device)
+    return patch_MND.device if isinstance(patch_MND, torch.Tensor) else torch.device("cpu")
+
+
+def _channel_stats(patch_MND: Patches, device: torch.device, max_rows: int = 200_000
+                   ) -> tuple[torch.Tensor, torch.Tensor]:
+    num_images, num_tokens = patch_MND.shape[:2]
+    # a strided subset of the (image, token) rows is plenty for per-channel moments
+    step = num_images * num_tokens // max_rows + 1 if num_images * num_tokens > max_rows else 1
+    if isinstance(patch_MND, torch.Tensor):
+        rows_ND = patch_MND.flatten(0, 1)[::step]
+    else:  # the same rows, streamed from the cache in blocks of about 256 MiB
+        per = max(1, 2**28 // max(1, patch_MND.nbytes // num_images))
+        picked = []
+        for first in range(0, num_images, per):
+            block_ND = patch_MND.take(slice(first, first + per)).flatten(0, 1)
+            picked.append(block_ND[(-first * num_tokens) % step :: step])
+        rows_ND = torch.cat(picked)
+    rows_ND = rows_ND.to(device).float()
     return rows_ND.mean(dim=0), rows_ND.std(dim=0).clamp_min(1e-6)
 
 
 def _train_head(
     head: _Head,
-    patch_MND: torch.Tensor,
+    patch_MND: Patches,
     targets_MHW: torch.Tensor,
     loss_fn,
     *,
+    device: torch.device,
     num_steps: int,
     batch_size: int,
     lr: float,
@@ -54,10 +85,9 @@ def _train_head(
     optimizer = torch.optim.AdamW(head.parameters(), lr=lr, weight_decay=weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 0.5 * (1 + math.cos(math.pi * s / num_steps)))
     size = tuple(targets_MHW.shape[-2:])
-    device = patch_MND.device
     for _ in range(num_steps):
-        idx = torch.randint(patch_MND.shape[0], (batch_size,), generator=generator).to(device)
-        loss = loss_fn(head(patch_MND[idx], size), targets_MHW[idx])
+        idx = torch.randint(patch_MND.shape[0], (batch_size,), generator=generator)
+        loss = loss_fn(head(_rows(patch_MND, idx, device), size), targets_MHW[idx.to(targets_MHW.device)])
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
@@ -66,9 +96,9 @@ def _train_head(
 
 
 def run_seg_probe(
-    train_MND: torch.Tensor,
+    train_MND: Patches,
     train_masks_MHW: torch.Tensor,
-    test_MND: torch.Tensor,
+    test_MND: Patches,
     test_masks_MHW: torch.Tensor,
     *,
     grid: tuple[int, int],
@@ -79,24 +109,29 @@ def run_seg_probe(
     lr: float = 1e-3,
     weight_decay: float = 1e-4,
     seed: int = 0,
+    device: torch.device | str | None = None,
 ) -> dict[str, float]:
-    """Train a linear segmentation head; mIoU over classes present in the test masks or predictions, pixel acc."""
-    device = train_MND.device
-    train_masks_MHW = train_masks_MHW.to(device).long()
-    mean_D, std_D = _channel_stats(train_MND)
+    """Train a linear segmentation head; mIoU over classes present in the test masks or predictions, pixel acc.
+
+    `device` defaults to the features' device (the CPU for a RowStore). Masks stay in their narrow dtype
+    (uint8) on the device and are widened per batch: ADE20K's train masks as int64 would take 56 GiB.
+    """
+    device = _device_of(train_MND, device)
+    train_masks_MHW = train_masks_MHW.to(device)
+    mean_D, std_D = _channel_stats(train_MND, device)
     torch.manual_seed(seed)
     head = _Head(mean_D, std_D, num_classes, grid).to(device)
 
     def loss_fn(logits_BKHW, masks_BHW):
-        return F.cross_entropy(logits_BKHW, masks_BHW, ignore_index=ignore_index)
+        return F.cross_entropy(logits_BKHW, masks_BHW.long(), ignore_index=ignore_index)
 
     head = _train_head(head, train_MND, train_masks_MHW, loss_fn, num_steps=num_steps, batch_size=batch_size,
-                       lr=lr, weight_decay=weight_decay, seed=seed)
+                       lr=lr, weight_decay=weight_decay, seed=seed, device=device)
     confusion_KK = torch.zeros(num_classes * num_classes, device=device, dtype=torch.long)
     size = tuple(test_masks_MHW.shape[-2:])
     with torch.no_grad():
         for start in range(0, test_MND.shape[0], batch_size):
-            pred_BHW = head(test_MND[start : start + batch_size].to(device), size).argmax(dim=1)
+            pred_BHW = head(_rows(test_MND, slice(start, start + batch_size), device), size).argmax(dim=1)
             true_BHW = test_masks_MHW[start : start + batch_size].to(device).long()
             valid = (true_BHW != ignore_index) & (true_BHW >= 0) & (true_BHW < num_classes)
             confusion_KK += torch.bincount(true_BHW[valid] * num_classes + pred_BHW[valid],
@@ -111,9 +146,9 @@ def run_seg_probe(
 
 
 def run_depth_probe(
-    train_MND: torch.Tensor,
+    train_MND: Patches,
     train_depth_MHW: torch.Tensor,
-    test_MND: torch.Tensor,
+    test_MND: Patches,
     test_depth_MHW: torch.Tensor,
     *,
     grid: tuple[int, int],
@@ -123,6 +158,7 @@ def run_depth_probe(
     lr: float = 1e-3,
     weight_decay: float = 1e-4,
     seed: int = 0,
+    device: torch.device | str | None = None,
 ) -> dict[str, float]:
     """Train a linear depth head (bins classification with num_bins > 0, else L1 regression).
 
@@ -131,11 +167,11 @@ def run_depth_probe(
     linear depth probes of DINOv2. Returns RMSE, abs_rel and delta1 (share of pixels with
     max(pred/true, true/pred) < 1.25), pooled over every valid test pixel.
     """
-    device = train_MND.device
+    device = _device_of(train_MND, device)
     train_depth_MHW = train_depth_MHW.to(device).float()
     valid_train = torch.isfinite(train_depth_MHW) & (train_depth_MHW > 0)
     low, high = train_depth_MHW[valid_train].min(), train_depth_MHW[valid_train].max()
-    mean_D, std_D = _channel_stats(train_MND)
+    mean_D, std_D = _channel_stats(train_MND, device)
     torch.manual_seed(seed)
     mode: Literal["bins", "regression"] = "bins" if num_bins > 0 else "regression"
     head = _Head(mean_D, std_D, num_bins if mode == "bins" else 1, grid).to(device)
@@ -156,12 +192,12 @@ def run_depth_probe(
         return (error_BHW * valid).sum() / valid.sum().clamp_min(1)
 
     head = _train_head(head, train_MND, train_depth_MHW, loss_fn, num_steps=num_steps, batch_size=batch_size,
-                       lr=lr, weight_decay=weight_decay, seed=seed)
+                       lr=lr, weight_decay=weight_decay, seed=seed, device=device)
     sq_err = abs_rel = delta1 = count = torch.zeros((), device=device, dtype=torch.float64)
     size = tuple(test_depth_MHW.shape[-2:])
     with torch.no_grad():
         for start in range(0, test_MND.shape[0], batch_size):
-            pred_BHW = predict(head(test_MND[start : start + batch_size].to(device), size)).clamp(low, high)
+            pred_BHW = predict(head(_rows(test_MND, slice(start, start + batch_size), device), size)).clamp(low, high)
             true_BHW = test_depth_MHW[start : start + batch_size].to(device).float()
             valid = torch.isfinite(true_BHW) & (true_BHW > 0)
             p, t = pred_BHW[valid].double(), true_BHW[valid].double()

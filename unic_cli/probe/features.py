@@ -11,18 +11,26 @@ Images are decoded once per dataset for all models of a call (PIL, in loader wor
 distinct model resolution there, so a model's features depend on the model and the data only, never on which
 other models share the call; that is what lets the on-disk cache hit. The cache key is (model identity incl.
 weights file size/mtime, dataset folder + file list fingerprint, resolution, feature kind).
+
+Each cache entry is a folder of row chunks written while the pass runs (`FeatureStore`), so an interrupted
+extraction (hours on ImageNet) resumes after its last whole chunk, and at most one chunk per model is held in
+memory. Probes read entries lazily (`Features`): one model's features at a time, dense patch tokens
+memory-mapped (`RowStore`), since they do not fit in memory at scale.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import errno
 import functools
 import hashlib
 import json
 import logging
 import os
+import shutil
 import struct
-from collections.abc import Callable, Sequence
+import time
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -41,7 +49,7 @@ from unic_cli.teachers import Teacher, load_teacher, resolve_card
 log = logging.getLogger("unic_cli")
 
 # Bump when extraction changes in a way that changes cached features.
-FEATURE_VERSION = 1
+FEATURE_VERSION = 2  # 2: an entry is a folder of row chunks (resumable), not one file
 DEPTH_EXTENSIONS = (".png", ".npy")
 
 ProgressFn = Callable[[str, int, int], None]  # (label, done, total)
@@ -519,8 +527,17 @@ def load_encoder(ref: ModelRef, *, device: str = "cpu") -> Encoder:
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Feature cache
+# Feature cache: one folder of row chunks per (model, split, kind), written as the pass goes (resumable)
 # ----------------------------------------------------------------------------------------------------------------
+
+# A chunk is flushed once a job has this many bytes of features waiting: at most this much work per model is
+# lost to an interrupt, and at most this much host memory per model is held while extracting.
+CHUNK_BYTES = 256 * 2**20
+_CHUNK_NAME = "rows-{:09d}-{:09d}.safetensors"
+_COMPLETE = "complete.json"
+_NUMPY_DTYPES = {"F16": np.float16, "F32": np.float32, "F64": np.float64, "I64": np.int64, "I32": np.int32,
+                 "U8": np.uint8, "BOOL": np.bool_}
+_SAFETENSORS_DTYPES = {np.dtype(v): k for k, v in _NUMPY_DTYPES.items()}
 
 
 def _digest(payload: dict) -> str:
@@ -532,20 +549,242 @@ def _slug(text: str) -> str:
     return keep[:40] or "model"
 
 
+def _gib(num_bytes: float) -> str:
+    return f"{num_bytes / 2**30:.1f} GiB" if num_bytes >= 2**30 else f"{num_bytes / 2**20:.0f} MiB"
+
+
+def _disk_full(err: OSError) -> bool:
+    return err.errno in (errno.ENOSPC, errno.EDQUOT)
+
+
+def _write_atomic(path: Path, data: bytes | Sequence[memoryview], what: str) -> None:
+    """Write `data` (bytes, or buffers written one after the other) through a temporary name, then rename:
+    a crash never leaves a half-written file under the final name."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    buffers = [data] if isinstance(data, bytes) else data
+    try:
+        with open(tmp, "wb") as f:
+            for buffer in buffers:
+                f.write(buffer)
+    except OSError as err:
+        tmp.unlink(missing_ok=True)
+        if not _disk_full(err):
+            raise
+        free = shutil.disk_usage(path.parent).free
+        size = sum(memoryview(b).nbytes for b in buffers)
+        raise ProbeError(f"the disk holding the feature cache {str(path.parent.parent)!r} is full ({_gib(free)} "
+                         f"free) while writing {_gib(size)} of {what}; free some space or pass --cache-dir "
+                         "on a bigger disk. Chunks already written are kept: the same command resumes") from None
+    tmp.replace(path)
+
+
+class RowStore:
+    """One feature's rows spread over memory-mapped chunk files: rows are read only when taken.
+
+    Dense patch features do not fit in memory at scale (ADE20K train, ViT-G/14 at 448 px: 64 GiB in fp16),
+    so probes gather the rows of each batch from here instead of holding the whole array.
+
+    Args:
+        parts: one array per chunk, [rows, ...] each (numpy memmaps).
+        index: global row numbers this view holds (None: every row, in order).
+    """
+
+    def __init__(self, parts: Sequence[np.ndarray], index: np.ndarray | None = None) -> None:
+        self.parts = list(parts)
+        self.ends = np.cumsum([len(p) for p in self.parts])
+        self.starts = self.ends - np.array([len(p) for p in self.parts], dtype=np.int64)
+        self.index = index
+        total = int(self.ends[-1]) if len(self.ends) else 0
+        self.shape = (total if index is None else len(index), *self.parts[0].shape[1:])
+
+    def __len__(self) -> int:
+        return self.shape[0]
+
+    @property
+    def nbytes(self) -> int:
+        return int(np.prod(self.shape)) * self.parts[0].itemsize
+
+    def __getitem__(self, rows: torch.Tensor | slice) -> RowStore:
+        """A view of some rows (a bool mask, row numbers or a slice); nothing is read."""
+        local = np.arange(len(self))[rows] if isinstance(rows, slice) else torch.as_tensor(rows).cpu().numpy()
+        if local.dtype == np.bool_:
+            local = np.flatnonzero(local)
+        return RowStore(self.parts, local if self.index is None else self.index[local])
+
+    def take(self, rows: torch.Tensor | slice) -> torch.Tensor:
+        """Rows read into memory, as a CPU tensor (one copy per chunk touched, no per-row loop)."""
+        local = np.arange(len(self))[rows] if isinstance(rows, slice) else torch.as_tensor(rows).cpu().numpy()
+        wanted = local if self.index is None else self.index[local]
+        part = np.searchsorted(self.ends, wanted, side="right")
+        out = np.empty((len(wanted), *self.shape[1:]), dtype=self.parts[0].dtype)
+        for p in np.unique(part):
+            sel = part == p
+            out[sel] = self.parts[p][wanted[sel] - self.starts[p]]
+        return torch.from_numpy(out)
+
+    def load(self) -> torch.Tensor:
+        return self.take(slice(None))
+
+
+def _read_header(path: Path) -> tuple[dict, int]:
+    """A safetensors file's header and the byte offset of its data; ValueError when the file is damaged."""
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        raw = f.read(8)
+        if len(raw) < 8:
+            raise ValueError("shorter than a safetensors header")
+        (length,) = struct.unpack("<Q", raw)
+        if length > size - 8:
+            raise ValueError("header runs past the end of the file")
+        header = json.loads(f.read(length))
+    end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
+    if 8 + length + end != size:
+        raise ValueError(f"{size} bytes, the header describes {8 + length + end}")
+    return header, 8 + length
+
+
+class FeatureStore:
+    """One cache entry: a folder of row chunks `rows-<start>-<end>.safetensors`, then `complete.json`.
+
+    Chunks are written in row order, each atomically, so after an interrupt the folder holds a run of whole
+    chunks from row 0: extraction resumes after the last of them. A chunk whose header, size, key or rows do
+    not check out (a damaged disk, a stray file) is deleted and extracted again.
+    """
+
+    def __init__(self, folder: Path) -> None:
+        self.folder = folder
+        self.key = folder.name.rsplit("-", 1)[-1]
+
+    @property
+    def complete(self) -> bool:
+        return (self.folder / _COMPLETE).is_file()
+
+    def chunks(self) -> list[tuple[int, int, Path]]:
+        """The valid chunks that continue each other from row 0, as (start, end, path); the rest is deleted."""
+        if not self.folder.is_dir():
+            return []
+        found = []
+        for path in sorted(self.folder.glob("rows-*.safetensors")):
+            try:
+                start, end = (int(x) for x in path.stem.split("-")[1:3])
+                meta = _read_header(path)[0].get("__metadata__", {})
+                if meta.get("key") != self.key or (int(meta["start"]), int(meta["end"])) != (start, end):
+                    raise ValueError("its key or rows do not match its name")
+            except (OSError, ValueError, KeyError) as err:
+                log.warning("cache chunk %s is damaged (%s): extracting those rows again", path, err)
+                path.unlink(missing_ok=True)
+                continue
+            found.append((start, end, path))
+        run, row = [], 0
+        for start, end, path in found:
+            if start == row:
+                run.append((start, end, path))
+                row = end
+            else:  # not contiguous (chunks of another interrupted pass): redo from `row`
+                path.unlink(missing_ok=True)
+        return run
+
+    def next_row(self) -> int:
+        chunks = self.chunks()
+        return chunks[-1][1] if chunks else 0
+
+    def write_chunk(self, start: int, tensors: dict[str, torch.Tensor | Sequence[torch.Tensor]], what: str) -> None:
+        """Write rows `start`... of each feature (a tensor, or batches to be concatenated) as one chunk file.
+
+        The safetensors layout is written by hand from the batches' buffers: no concatenated copy and no
+        serialised copy of the chunk is made (the library's `save` would hold both, 3x the chunk in memory).
+        """
+        parts = {k: [v] if isinstance(v, torch.Tensor) else list(v) for k, v in tensors.items()}
+        end = start + sum(len(v) for v in next(iter(parts.values())))
+        header: dict[str, dict] = {"__metadata__": {"key": self.key, "start": str(start), "end": str(end)}}
+        buffers, offset = [], 0
+        for name, batches in parts.items():
+            arrays = [b.detach().cpu().contiguous().numpy() for b in batches]
+            size = sum(a.nbytes for a in arrays)
+            header[name] = {"dtype": _SAFETENSORS_DTYPES[arrays[0].dtype], "data_offsets": [offset, offset + size],
+                            "shape": [sum(len(a) for a in arrays), *arrays[0].shape[1:]]}
+            buffers += [a.reshape(-1).view(np.uint8).data for a in arrays if a.size]
+            offset += size
+        raw = json.dumps(header, separators=(",", ":")).encode()
+        raw += b" " * (-len(raw) % 8)  # the data starts 8-byte aligned, as safetensors writes it
+        _write_atomic(self.folder / _CHUNK_NAME.format(start, end),
+                      [struct.pack("<Q", len(raw)) + raw, *buffers], what)
+
+    def finish(self, rows: int, meta: dict) -> None:
+        _write_atomic(self.folder / _COMPLETE, json.dumps({"rows": rows, **meta}, default=str).encode(), "metadata")
+
+    def arrays(self) -> dict[str, list[np.ndarray]]:
+        """Every feature as memory-mapped chunk arrays (copy-on-write: writable for torch, the file never is)."""
+        out: dict[str, list[np.ndarray]] = {}
+        for _, _, path in self.chunks():
+            header, offset = _read_header(path)
+            for name, info in header.items():
+                if name == "__metadata__":
+                    continue
+                begin, end = info["data_offsets"]
+                dtype = _NUMPY_DTYPES[info["dtype"]]
+                shape = tuple(info["shape"])
+                array = (np.memmap(path, dtype=dtype, mode="c", offset=offset + begin, shape=shape)
+                         if end > begin else np.empty(shape, dtype=dtype))
+                out.setdefault(name, []).append(array)
+        return out
+
+
+class Features(Mapping):
+    """A complete cache entry, read lazily: `feats["summary"]` reads that feature (all rows) when asked.
+
+    Small features are returned as tensors; `patch` (dense tokens) as a memory-mapped `RowStore`. Nothing is
+    kept, so a caller that drops the tensor frees its memory: a probe holds one model's features at a time.
+    """
+
+    MAPPED = ("patch",)
+
+    def __init__(self, store: FeatureStore) -> None:
+        self.store = store
+        self._arrays = store.arrays()
+
+    def __getitem__(self, name: str) -> torch.Tensor | RowStore:
+        rows = RowStore(self._arrays[name])
+        return rows if name in self.MAPPED else rows.load()
+
+    def __iter__(self):
+        return iter(self._arrays)
+
+    def __len__(self) -> int:
+        return len(self._arrays)
+
+
 class FeatureCache:
-    """safetensors files under `root`, one per (model identity, split fingerprint, feature kind)."""
+    """Feature entries under `root`, one folder per (model identity, split fingerprint, feature kind)."""
 
     def __init__(self, root: Path) -> None:
         self.root = root
 
     def path(self, ref: ModelRef, split: Split, kind: str) -> Path:
         key = _digest({"v": FEATURE_VERSION, "model": ref.identity, "data": split.fingerprint, "kind": kind})
-        return self.root / f"{_slug(ref.name)}-{split.name}-{_slug(kind)}-{key}.safetensors"
+        return self.root / f"{_slug(ref.name)}-{split.name}-{_slug(kind)}-{key}"
 
     def target_path(self, split: Split, kind: str, size: tuple[int, int], depth_scale: float) -> Path:
         key = _digest({"v": FEATURE_VERSION, "data": split.fingerprint, "kind": kind, "size": size,
                        "scale": depth_scale if kind == "depth" else None})
         return self.root / f"targets-{split.name}-{kind}-{key}.safetensors"
+
+    @staticmethod
+    def features(path: Path) -> Features | None:
+        """A complete entry, or None (absent, or only partly extracted)."""
+        store = FeatureStore(path)
+        if not store.complete:
+            return None
+        try:
+            rows = int(json.loads((path / _COMPLETE).read_text(encoding="utf-8"))["rows"])
+        except (OSError, ValueError, KeyError):
+            rows = -1
+        if store.next_row() != rows:  # a chunk was damaged or deleted since: extract those rows again
+            log.warning("cache entry %s lacks rows it once held: extracting them again", path)
+            (path / _COMPLETE).unlink(missing_ok=True)
+            return None
+        return Features(store)
 
     @staticmethod
     def load(path: Path) -> dict[str, torch.Tensor] | None:
@@ -562,13 +801,10 @@ class FeatureCache:
 
     @staticmethod
     def save(path: Path, tensors: dict[str, torch.Tensor], meta: dict) -> None:
-        from safetensors.torch import save_file
+        from safetensors.torch import save
 
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-        save_file({k: v.contiguous() for k, v in tensors.items()}, tmp,
-                  metadata={"meta": json.dumps(meta, default=str)})
-        tmp.replace(path)  # atomic: an interrupted run never leaves a half-written file under the final name
+        data = save({k: v.contiguous() for k, v in tensors.items()}, metadata={"meta": json.dumps(meta, default=str)})
+        _write_atomic(path, data, "targets")
 
 
 @dataclass
@@ -582,39 +818,114 @@ class Job:
     meta: dict
 
 
-def run_jobs(jobs: Sequence[Job], split: Split, *, stretch: bool, batch_size: int, num_workers: int, device: str,
-             progress: ProgressFn = _no_progress) -> dict[str, dict[str, torch.Tensor]]:
-    """Decode `split` once and run every job on each batch; outputs are concatenated, saved and returned.
+class _ChunkWriter:
+    """A job's rows waiting to be written: flushed as a chunk once they reach `chunk_bytes`."""
 
-    Every output also gets "ok" [M] (bool): False rows are unreadable images, to be dropped by the caller.
+    def __init__(self, job: Job, start: int, chunk_bytes: int) -> None:
+        self.job, self.store, self.start, self.chunk_bytes = job, FeatureStore(job.path), start, chunk_bytes
+        self.parts: dict[str, list[torch.Tensor]] = {}
+        self.rows = self.bytes = 0
+
+    def add(self, tensors: dict[str, torch.Tensor]) -> None:
+        for key, value in tensors.items():
+            self.parts.setdefault(key, []).append(value)
+        self.rows += len(tensors["ok"])
+        self.bytes += sum(v.numel() * v.element_size() for v in tensors.values())
+        if self.bytes >= self.chunk_bytes:
+            self.flush()
+
+    def flush(self) -> None:
+        if self.rows:
+            self.store.write_chunk(self.start, self.parts, f"{self.job.name} features")
+            self.start += self.rows
+        self.parts, self.rows, self.bytes = {}, 0, 0
+
+
+def _check_disk(jobs: Sequence[Job], bytes_per_row: dict[str, int], rows_left: dict[str, int]) -> None:
+    """Refuse a pass the cache disk cannot hold, after its first batch rather than hours later."""
+    need = sum(bytes_per_row[job.name] * rows_left[job.name] for job in jobs)
+    folder = jobs[0].path.parent
+    folder.mkdir(parents=True, exist_ok=True)
+    free = shutil.disk_usage(folder).free
+    if need > free:
+        raise ProbeError(f"the features of this pass need about {_gib(need)} in the cache {str(folder)!r}, and its "
+                         f"disk has {_gib(free)} free; free some space or pass --cache-dir on a bigger disk")
+
+
+def run_jobs(jobs: Sequence[Job], split: Split, *, stretch: bool, batch_size: int, num_workers: int, device: str,
+             progress: ProgressFn = _no_progress, chunk_bytes: int = CHUNK_BYTES) -> dict[str, Features]:
+    """Decode `split` once and run every job on each batch, writing each job's rows in chunks as it goes.
+
+    A job whose entry already holds chunks (an interrupted earlier pass) resumes after its last whole chunk: the
+    pass decodes from the earliest such row, and a job skips the rows it has. Every output also gets "ok" [M]
+    (bool): False rows are unreadable images, to be dropped by the caller.
+
+    Args:
+        chunk_bytes: bytes of features per chunk file and job (the most an interrupt can lose).
     """
+    total = len(split.images)
+    starts = {job.name: FeatureStore(job.path).next_row() for job in jobs}
+    first = min(starts.values())
+    for job in jobs:
+        if starts[job.name]:
+            log.info("%s: resuming %s/ features at image %d of %d (earlier chunks are cached)", job.name,
+                     split.name, starts[job.name], total)
     sizes = sorted({job.image_size for job in jobs})
-    dataset = _ImageDataset(split.images, sizes, stretch=stretch)
+    dataset = torch.utils.data.Subset(_ImageDataset(split.images, sizes, stretch=stretch), range(first, total))
     loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, num_workers=num_workers, shuffle=False,
                                          pin_memory=device.startswith("cuda"))
-    parts: dict[str, dict[str, list[torch.Tensor]]] = {job.name: {} for job in jobs}
-    oks = []
+    if total - first > 20_000 and num_workers < min(8, os.cpu_count() or 1):
+        log.warning("decoding %d images with %d loader worker(s) on a %d-core machine: pass --num-workers %d or "
+                    "more if the encoders wait for images", total - first, num_workers, os.cpu_count(),
+                    min(8, os.cpu_count() or 1))
+    writers = {job.name: _ChunkWriter(job, starts[job.name], chunk_bytes) for job in jobs}
     label = f"{split.name}/ " + ", ".join(_slug(job.name) for job in jobs)
-    done = 0
-    progress(label, 0, len(dataset))
-    for images, ok_B in loader:
-        oks.append(ok_B)
-        by_size = {s: im.to(device, non_blocking=True) for s, im in zip(sizes, images)}
-        for job in jobs:
-            for key, value in job.fn(by_size[job.image_size]).items():
-                parts[job.name].setdefault(key, []).append(value.cpu())
-        done += len(ok_B)
-        progress(label, done, len(dataset))
-    ok = torch.cat(oks).bool()
+    row, checked = first, False
+    began = logged = time.monotonic()
+    progress(label, row, total)
+    try:
+        for images, ok_B in loader:
+            by_size = {s: im.to(device, non_blocking=True) for s, im in zip(sizes, images)}
+            batch_rows = {}
+            for job in jobs:
+                skip = starts[job.name] - row  # rows of this batch the job already has in its chunks
+                if skip >= len(ok_B):
+                    continue
+                out = {k: v.cpu() for k, v in job.fn(by_size[job.image_size]).items()}
+                out["ok"] = ok_B.bool()
+                writers[job.name].add({k: v[max(skip, 0):] for k, v in out.items()})
+                batch_rows[job.name] = sum(v[0].numel() * v.element_size() for v in out.values())
+            if not checked and batch_rows:
+                checked = True
+                _check_disk([j for j in jobs if j.name in batch_rows], batch_rows,
+                            {name: total - max(starts[name], row) for name in batch_rows})
+            row += len(ok_B)
+            progress(label, row, total)
+            # without a progress bar (the Python API, a batch job's log) say how far it is once a minute
+            if progress is _no_progress and time.monotonic() - logged >= 60:
+                logged = time.monotonic()
+                speed = (row - first) / (logged - began)
+                log.info("%s: %d/%d images, %.0f images/s, about %.0f min left", label, row, total, speed,
+                         (total - row) / max(speed, 1e-9) / 60)
+    except KeyboardInterrupt:
+        kept = min(w.start for w in writers.values())
+        if kept:
+            log.warning("interrupted: %s/ features of images 0-%d of %d are kept in %s; the same command resumes "
+                        "there", split.name, kept, total, jobs[0].path.parent)
+        else:
+            log.warning("interrupted before a whole chunk of %s/ features (%s per model) was written; nothing of "
+                        "this pass is kept", split.name, _gib(chunk_bytes))
+        raise
+    out = {}
+    for job in jobs:
+        writers[job.name].flush()
+        store = writers[job.name].store
+        store.finish(total, job.meta)
+        out[job.name] = Features(store)
+    ok = out[jobs[0].name]["ok"]
     if not ok.all():
         bad = [split.images[i].name for i in (~ok).nonzero().flatten().tolist()]
         log.warning("%d unreadable image(s) in %s left out: %s", len(bad), split.root, _few(bad))
-    out = {}
-    for job in jobs:
-        tensors = {k: torch.cat(v) for k, v in parts[job.name].items()}
-        tensors["ok"] = ok
-        FeatureCache.save(job.path, tensors, job.meta)
-        out[job.name] = tensors
     return out
 
 
@@ -629,20 +940,22 @@ def extract_features(
     device: str,
     progress: ProgressFn = _no_progress,
     dense_levels: int = 1,
-) -> dict[str, dict[str, dict[str, torch.Tensor]]]:
+    chunk_bytes: int = CHUNK_BYTES,
+) -> dict[str, dict[str, Features]]:
     """Features of each split for every model: from the cache, or from one shared pass per split.
 
-    A model is loaded (once) only when some split misses the cache. Returns split name -> model name ->
-    {"summary": [M, D], "patch_mean": [M, D]} (kind `pooled`, float32) or {"patch": [M, N, D] (float16),
-    "grid": [M, 2]} (kind `patch`; `dense_levels` > 1 concatenates the last feature levels, see
-    `multi_level_tokens`), plus "ok" [M] marking readable images.
+    A model is loaded (once) only when some split misses the cache; a partly extracted entry is resumed.
+    Returns split name -> model name -> `Features` (read lazily from the cache): {"summary": [M, D],
+    "patch_mean": [M, D]} (kind `pooled`, float32) or {"patch": RowStore [M, N, D] (float16), "grid": [M, 2]}
+    (kind `patch`; `dense_levels` > 1 concatenates the last feature levels, see `multi_level_tokens`), plus
+    "ok" [M] marking readable images.
     """
     cache_kind = kind if kind == "pooled" or dense_levels == 1 else f"{kind}-levels{dense_levels}"
-    out: dict[str, dict[str, dict[str, torch.Tensor]]] = {split.name: {} for split in splits}
+    out: dict[str, dict[str, Features]] = {split.name: {} for split in splits}
     missing: dict[str, list[ModelRef]] = {split.name: [] for split in splits}
     for split in splits:
         for ref in refs:
-            cached = cache.load(cache.path(ref, split, cache_kind))
+            cached = cache.features(cache.path(ref, split, cache_kind))
             if cached is not None:
                 log.info("%s: %s features of %s/ from the cache", ref.name, kind, split.name)
                 out[split.name][ref.name] = cached
@@ -668,7 +981,8 @@ def extract_features(
         if missing[split.name]:
             jobs = [job(ref, split) for ref in missing[split.name]]
             out[split.name].update(run_jobs(jobs, split, stretch=kind == "patch", batch_size=batch_size,
-                                            num_workers=num_workers, device=device, progress=progress))
+                                            num_workers=num_workers, device=device, progress=progress,
+                                            chunk_bytes=chunk_bytes))
     return out
 
 
@@ -689,14 +1003,14 @@ def load_targets(split: Split, kind: Literal["mask", "depth"], *, cache: Feature
     chunks, done = [], 0
     label = f"{split.name}: {'masks' if kind == 'mask' else 'depth maps'}"
     for batch in loader:
-        chunks.append(batch)
+        # narrowed per batch: int64 masks of a whole split (ADE20K train: 56 GiB) never exist at once
+        if kind == "mask":  # uint8 when the labels allow it: 8x less disk and memory than int64
+            fits = bool((batch >= 0).all()) and bool((batch <= 255).all())
+            batch = batch.to(torch.uint8 if fits else torch.int32)
+        chunks.append(batch.float() if kind == "depth" else batch)
         done += len(batch)
         progress(label, done, len(split.targets))
-    targets = torch.cat(chunks)
-    if kind == "mask":  # uint8 when the labels allow it: 4x less disk and memory than int32
-        fits = bool((targets >= 0).all()) and bool((targets <= 255).all())
-        targets = targets.to(torch.uint8 if fits else torch.int32)
-    else:
-        targets = targets.float()
+    wide = any(c.dtype == torch.int32 for c in chunks)
+    targets = torch.cat([c.to(torch.int32) for c in chunks] if wide else chunks)
     cache.save(path, {"targets": targets}, {"split": str(split.root), "size": size})
     return targets

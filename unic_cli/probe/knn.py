@@ -1,6 +1,7 @@
 """Cosine k-NN on summary tokens with temperature-weighted votes (DINO's protocol).
 
-Shape legend: N train samples, M test samples, D feature width, K neighbours, C classes.
+Shape legend: N train samples, T train samples of one chunk, M test samples, D feature width, K neighbours,
+C classes.
 """
 
 from __future__ import annotations
@@ -9,6 +10,9 @@ from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
+
+# Largest test x train similarity block computed at once (float32: 1 GiB).
+_SIM_ELEMENTS = 2**28
 
 
 @torch.no_grad()
@@ -22,25 +26,46 @@ def run_knn_probe(
     ks: Sequence[int] = (10, 20),
     temperature: float = 0.07,
     chunk_size: int = 1024,
+    train_chunk_size: int = 2**18,
+    device: torch.device | str | None = None,
 ) -> dict[str, float]:
     """Top-1 (and top-5 when there are more than 5 classes) accuracy for each k.
 
     Each test sample votes over its k most cosine-similar training samples, each vote weighted by
     exp(similarity / temperature), as in DINO (Caron et al. 2021, eval_knn.py).
+
+    The training features may stay on the host (ImageNet with a ViT-G: 7.4 GiB): they go to `device` (default:
+    their own) `train_chunk_size` rows at a time, each chunk's k nearest are merged into a running top-k, and
+    no similarity block exceeds 2**28 entries. With a single chunk this is the plain computation.
     """
-    device = train_ND.device
-    train_ND = F.normalize(train_ND.float(), dim=1)
+    device = torch.device(device) if device is not None else train_ND.device
     test_MD = F.normalize(test_MD.float().to(device), dim=1)
     train_labels_N = train_labels_N.to(device)
     test_labels_M = test_labels_M.to(device)
-    max_k = min(max(ks), train_ND.shape[0])
+    num_train, num_test = train_ND.shape[0], test_MD.shape[0]
+    max_k = min(max(ks), num_train)
+    test_chunk = max(1, min(chunk_size, _SIM_ELEMENTS // max(1, min(num_train, train_chunk_size))))
+    top_sim_MK = top_idx_MK = None
+    for t0 in range(0, num_train, train_chunk_size):
+        train_TD = F.normalize(train_ND[t0 : t0 + train_chunk_size].to(device, non_blocking=True).float(), dim=1)
+        sims, idxs = [], []
+        for start in range(0, num_test, test_chunk):
+            sim_MT = test_MD[start : start + test_chunk] @ train_TD.T
+            sim_MK, idx_MK = sim_MT.topk(min(max_k, sim_MT.shape[1]), dim=1)  # sorted, nearest first
+            sims.append(sim_MK)
+            idxs.append(idx_MK + t0)
+        sim_MK, idx_MK = torch.cat(sims), torch.cat(idxs)
+        if top_sim_MK is None:
+            top_sim_MK, top_idx_MK = sim_MK, idx_MK
+        else:  # the k nearest of (k nearest so far + k nearest of this chunk) are the k nearest overall
+            cand_sim, cand_idx = torch.cat([top_sim_MK, sim_MK], 1), torch.cat([top_idx_MK, idx_MK], 1)
+            top_sim_MK, pos_MK = cand_sim.topk(min(max_k, cand_sim.shape[1]), dim=1)
+            top_idx_MK = cand_idx.gather(1, pos_MK)
     correct1 = {k: torch.zeros((), device=device) for k in ks}
     correct5 = {k: torch.zeros((), device=device) for k in ks}
-    for start in range(0, test_MD.shape[0], chunk_size):
-        sim_MN = test_MD[start : start + chunk_size] @ train_ND.T
-        top_sim_MK, top_idx_MK = sim_MN.topk(max_k, dim=1)  # sorted: the first k columns are the k nearest
-        weight_MK = (top_sim_MK / temperature).exp()
-        onehot_MKC = F.one_hot(train_labels_N[top_idx_MK], num_classes).float()
+    for start in range(0, num_test, chunk_size):  # votes per test chunk: [M, K, C] one-hots stay small
+        weight_MK = (top_sim_MK[start : start + chunk_size] / temperature).exp()
+        onehot_MKC = F.one_hot(train_labels_N[top_idx_MK[start : start + chunk_size]], num_classes).float()
         labels_M = test_labels_M[start : start + chunk_size]
         for k in ks:
             kk = min(k, max_k)
@@ -49,10 +74,9 @@ def run_knn_probe(
             hits_MC = ranked_MC == labels_M[:, None]
             correct1[k] += hits_MC[:, 0].sum()
             correct5[k] += hits_MC.any(dim=1).sum()
-    total = test_MD.shape[0]
     metrics = {}
     for k in ks:
-        metrics[f"top1_k{k}"] = float(correct1[k]) / total
+        metrics[f"top1_k{k}"] = float(correct1[k]) / num_test
         if num_classes > 5:
-            metrics[f"top5_k{k}"] = float(correct5[k]) / total
+            metrics[f"top5_k{k}"] = float(correct5[k]) / num_test
     return metrics
