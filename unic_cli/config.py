@@ -428,7 +428,7 @@ class ProbeConfig(CommandConfig):
     cache_dir: Path | None = None
     eval_split: str | None = None
     batch_size: int = 64
-    num_workers: int = 2
+    num_workers: int = 4
     device: str = "auto"
     random_init: bool = False
     seed: int = 0
