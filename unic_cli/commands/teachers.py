@@ -165,11 +165,7 @@ def check(spec: str, image_size: int, patch_size: int, random_init: bool, device
       unic teachers check 'dinov2_g=/weights/dinov2_vitg14.safetensors' --image-size 224 --patch-size 14
     """
     grid = _student_grid(image_size, patch_size)
-    from unic_cli.devices import device_problem, resolve_device
-    from unic_cli.errors import ConfigError
-
-    if problem := device_problem(device):  # before torch loads
-        raise ConfigError(problem)
+    from unic_cli.devices import resolve_device  # a bad or absent device is one ConfigError
     from unic_cli.teachers import check_teacher  # imports torch
 
     report = check_teacher(spec, grid=grid, pretrained=not random_init, device=str(resolve_device(device)))
