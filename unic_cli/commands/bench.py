@@ -91,9 +91,10 @@ def bench(more_teachers, teachers, config_file, as_json, dry_run, ignored_run_fl
 def _print_dry_run(config: BenchConfig, as_json: bool) -> None:
     """The validated configuration's FLOPs (meta device: no weights, nothing timed)."""
     from unic_cli.plan import flops_per_image
+    from unic_cli.train_step import global_batch_size
 
     flops = flops_per_image(config)
-    global_batch = config.batch_size * config.grad_accum_steps
+    global_batch = global_batch_size(config, world_size=1)
     result = {"dry_run": True, "batch_size": config.batch_size, "global_batch": global_batch,
               "flops_per_image": flops, "flops_per_step": flops["train_step"] * global_batch}
     if as_json:
