@@ -138,13 +138,10 @@ def _read_text(model_id: str, filename: str, revision: str | None) -> str | None
     if _is_local(model_id):
         path = Path(model_id).expanduser() / filename
         return path.read_text(encoding="utf-8") if path.is_file() else None
-    from huggingface_hub import hf_hub_download, try_to_load_from_cache
+    from huggingface_hub import hf_hub_download
 
-    if not hub_reachable():  # the same None as a failed download, without half a minute of retries
-        cached = try_to_load_from_cache(model_id, filename, revision=revision)
-        return Path(cached).read_text(encoding="utf-8") if isinstance(cached, str) else None
     try:
-        with hub_access(f"{model_id}/{filename}"):
+        with hub_access(f"{model_id}/{filename}"):  # an unreachable hub: the local cache only, at once
             path = hf_hub_download(model_id, filename, revision=revision)
         return Path(path).read_text(encoding="utf-8")
     except Exception:  # absent file, gated repo or no network: these files only refine the card
