@@ -117,7 +117,12 @@ class TeacherCard:
 
     @property
     def native_grid(self) -> tuple[int, int]:
-        """The patch grid at the native resolution (a ConvNet's feature map: ceil(size / stride), "same" padding)."""
+        """The patch grid at the native resolution.
+
+        Exact for a ViT. For a ConvNet it is ceil(size / stride), right for padded stems; a stem without padding
+        (ConvNeXt) floors instead when the size is not a multiple of the stride, so a Teacher in native mode uses
+        the grid its backbone actually returns.
+        """
         return self.grid_for((self.image_size, self.image_size))
 
     def grid_for(self, input_size: tuple[int, int]) -> tuple[int, int]:

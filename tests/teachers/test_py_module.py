@@ -231,3 +231,30 @@ def test_load_teacher__py_module_without_parameters_runs_in_fp32(mistakes_file):
     assert teacher.card.tokens == ("patch",) and tokens.patch_BND.dtype == torch.float32
     expected = torch.nn.functional.avg_pool2d((images - 0.5) / 0.5, 16)  # [2, 3, 2, 2]
     torch.testing.assert_close(tokens.patch_BND, expected.flatten(2).transpose(1, 2))
+
+
+def test_load_teacher__py_flat_tokens_of_a_convnet_whose_stem_floors(tmp_path):
+    # 60 px through an unpadded stride-8 conv gives 7x7 tokens, not the ceil(60 / 8) = 8x8 the card estimates.
+    path = tmp_path / "floor_teacher.py"
+    path.write_text(textwrap.dedent('''
+        from torch import nn
+
+
+        class Floor(nn.Module):
+            unic_card = {"family": "convnet", "image_size": 60, "patch_size": 8, "tokens": ["patch"],
+                         "mean": [0.5, 0.5, 0.5], "std": [0.5, 0.5, 0.5]}
+
+            def __init__(self):
+                super().__init__()
+                self.conv = nn.Conv2d(3, 12, kernel_size=8, stride=8)
+
+            def forward(self, x):
+                return self.conv(x).flatten(2).transpose(1, 2)
+
+
+        def build():
+            return Floor()
+    '''))
+    teacher = load_teacher(f"py:{path}:build", grid=None)
+    tokens = teacher(torch.randint(0, 256, (2, 3, 60, 60), dtype=torch.uint8))
+    assert tokens.patch_BND.shape == (2, 49, 12) and teacher.grid == (7, 7)

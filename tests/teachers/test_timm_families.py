@@ -157,3 +157,15 @@ def test_check_teacher__shapes_are_compared_with_the_card():
     assert report["tokens"] == {"summary": [2, 64], "patch": [2, 4, 64]}
     with pytest.raises(RegistryError, match="patch_dim is 32"):  # the adapter refuses a card that lies first
         check_teacher("timm:test_vit?patch_dim=32", grid=(2, 2), pretrained=False)
+
+
+def test_teacher__native_grid_of_a_patchify_convnet_is_what_the_backbone_produces():
+    # A ConvNeXt stem floors (60 px: 15 -> 7 -> 3 -> 1), so the card's ceil(60 / 32) = 2 is only an estimate; in
+    # native mode (the probe's) the tokens must be the real 1x1 map, not that map stretched onto a 2x2 grid.
+    torch.manual_seed(0)
+    model = timm.create_model("test_convnext", pretrained=False, num_classes=0)
+    card = _card(model, "test_convnext", 60)
+    assert (card.family, card.patch_size, card.native_grid) == ("convnet", 32, (2, 2))
+    teacher = Teacher(card, TimmTeacher(card, model), grid=None)
+    tokens = teacher(_images(60))
+    assert tokens.patch_BND.shape == (2, 1, 64) and teacher.grid == (1, 1)

@@ -140,6 +140,8 @@ def show(spec: str, image_size: int, patch_size: int, as_json: bool) -> None:
     ih, iw = input_size
     fh, fw = card.grid_for(input_size)
     how = f"{fh}x{fw} feature map resized to the student grid" if (fh, fw) != grid else "grids match exactly"
+    if card.family == "convnet" and (ih % card.patch_size or iw % card.patch_size):  # the stem's padding decides
+        how = f"about {how} (a stem without padding gives {ih // card.patch_size}x{iw // card.patch_size})"
     table.add_row("for the student", f"{image_size} px / patch {patch_size} -> grid {grid[0]}x{grid[1]}")
     table.add_row("teacher input", f"{ih}x{iw} px ({how})")
     console.print(table)

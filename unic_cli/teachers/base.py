@@ -66,6 +66,9 @@ class Teacher(nn.Module):
         self.card = card
         self.backbone = backbone.eval().requires_grad_(False)
         self.input_size = card.input_size_for(grid)
+        # Native mode (grid=None) keeps whatever grid the backbone produces: the card's grid is exact for a ViT but
+        # only a ceil(size / stride) estimate for a ConvNet (a patchify stem floors), so the first forward corrects it.
+        self.native = grid is None
         self.grid = tuple(grid) if grid is not None else card.grid_for(self.input_size)
         if hasattr(self.backbone, "set_input_size"):
             self.backbone.set_input_size(self.input_size)
@@ -99,6 +102,8 @@ class Teacher(nn.Module):
         x, autocast = self.precision(self.preprocess(images_BCHW))
         with autocast:
             summary_BD, patch_BND, feat_grid = self.backbone.forward_tokens(x)
+        if self.native:
+            self.grid = tuple(feat_grid)
         patch_BND = resample_grid(patch_BND, tuple(feat_grid), self.grid)
         if not self.card.has_summary:
             summary_BD = None

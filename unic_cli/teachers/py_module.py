@@ -179,7 +179,11 @@ class PyTeacher(nn.Module):
             raise RegistryError(f"teacher {self.card.alias!r}: {problem}")
         patch_BND, grid = _patch_tokens(patch)
         if grid is None:
-            grid = self.card.grid_for((images_BCHW.shape[-2], images_BCHW.shape[-1]))
+            H, W = images_BCHW.shape[-2:]
+            grid = self.card.grid_for((H, W))
+            floor_grid = (H // self.card.patch_size, W // self.card.patch_size)  # a ConvNet whose stem floors
+            if patch_BND.shape[1] != grid[0] * grid[1] and patch_BND.shape[1] == floor_grid[0] * floor_grid[1]:
+                grid = floor_grid
             if patch_BND.shape[1] != grid[0] * grid[1]:
                 raise RegistryError(
                     f"teacher {self.card.alias!r}: {patch_BND.shape[1]} patch tokens for a {grid[0]}x{grid[1]} grid "
