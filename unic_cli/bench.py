@@ -224,7 +224,7 @@ def _time_steps(tr, warmup: int, flops: dict) -> dict:
         "flops_per_image": flops,
         "flops_per_step": flops["train_step"] * global_batch,
         "achieved_flops_per_sec": achieved,
-        "teacher_dtype": str(tr.teacher_dtype).removeprefix("torch."),
+        "teacher_dtype": {torch.bfloat16: "bf16", torch.float32: "fp32"}.get(tr.teacher_dtype, str(tr.teacher_dtype)),
         "student_dtype": "bf16" if tr.core.student_bf16 else "fp32",
         "compile": config.compile,
         "compile_mode": config.compile_mode if config.compile else None,
