@@ -231,3 +231,169 @@ def test_load_teacher__image_size_override_on_a_vit_warns_once_under_a_grid():
     assert teacher.input_size == (32, 32)
     warnings = [m for m in handler.messages if "has no effect" in m]
     assert len(warnings) == 1 and "?image_size=320" in warnings[0] and "(32x32 px)" in warnings[0]
+
+
+# --- Shipped card DATA against the libraries' own configs (primary sources; no unic adapter code) -----------------
+# A wrong mean/std, size, width, register count, tag or summary choice loads fine and silently degrades every
+# distillation, so each shipped card is compared here with what timm, open_clip and transformers themselves say
+# (pretrained configs, model configs, architectures built on the meta device). tests/test_cards.py checks the same
+# cards through unic's adapters; this file checks them without them, so an adapter bug cannot hide a data bug.
+
+ALL_ALIASES = sorted(p.stem for p in registry.BUILTIN_REGISTRY_DIR.glob("*.toml"))
+
+
+def _aliases(source: str) -> list[str]:
+    return [a for a in ALL_ALIASES if load_card(registry.BUILTIN_REGISTRY_DIR / f"{a}.toml").source == source]
+
+
+def _timm_facts(model) -> dict:
+    """Widths, grid and prefix read straight off a timm model's attributes (works on the meta device)."""
+    patch_embed = getattr(model, "patch_embed", None)
+    has_cls = getattr(model, "cls_token", None) is not None
+    pool = getattr(model, "global_pool", "") or ""
+    pool = pool if isinstance(pool, str) else "avg"  # ConvNets hold a pooling module
+    if patch_embed is not None:
+        stride, family = int(patch_embed.patch_size[0]), "vit"
+    else:
+        stride, family = int(model.feature_info[-1]["reduction"]), "convnet"
+    return {
+        "family": family,
+        "patch_size": stride,
+        "patch_dim": int(model.num_features),
+        "num_register_tokens": int(getattr(model, "num_prefix_tokens", 0) or 0) - int(has_cls),
+        "has_cls": has_cls,
+        "has_pool": getattr(model, "attn_pool", None) is not None or pool not in ("", "token"),
+        "pool_dim": int(getattr(model, "head_hidden_size", model.num_features)),
+        "own_summary": "cls" if pool == "token" else "pool",  # what the model's own head pools
+    }
+
+
+# Cards whose summary deliberately differs from what the model's own head pools. timm gives the DINOv3 ViTs an
+# average-pool head, but DINOv3's image-level representation (its DINO loss, its probes) is the class token.
+_SUMMARY_NOT_THE_OWN_HEAD = {"dinov3_s", "dinov3_b", "dinov3_l"}
+
+
+def _check_tokens(card: TeacherCard, facts: dict) -> None:
+    for name in ("family", "patch_size", "patch_dim", "num_register_tokens"):
+        assert getattr(card, name) == facts[name], name
+    if card.has_summary and card.alias not in _SUMMARY_NOT_THE_OWN_HEAD:
+        assert card.summary_from == facts["own_summary"], "summary_from differs from the model's own head"
+    if card.has_summary and card.summary_from == "cls":
+        assert facts["has_cls"], "summary_from = 'cls' but the model has no class token"
+        assert card.summary_dim == facts["patch_dim"], "summary_dim"
+    elif card.has_summary:
+        assert facts["has_pool"], "summary_from = 'pool' but the model has no pooling head"
+        assert card.summary_dim == facts["pool_dim"], "summary_dim"
+
+
+@pytest.mark.parametrize("alias", _aliases("timm"))
+def test_card_data__timm_cards_match_timm_pretrained_cfg_and_architecture(alias):
+    import timm
+    import torch
+
+    card = get_card(alias)
+    name = f"{card.model_id}.{card.pretrained_tag}"
+    assert name in timm.list_pretrained(f"{card.model_id}.*"), f"timm has no pretrained tag {name}"
+    cfg = timm.models.get_pretrained_cfg(name)
+    assert cfg.hf_hub_id == f"timm/{name}" or card.weights, "the weights unic downloads"
+    assert (card.image_size, card.image_size) == tuple(cfg.input_size[1:]), "image_size"
+    assert card.mean == pytest.approx(cfg.mean) and card.std == pytest.approx(cfg.std), "mean/std"
+    assert card.interpolation == cfg.interpolation, "interpolation"
+    assert card.license == cfg.license, "license"
+    with torch.device("meta"):
+        model = timm.create_model(name, pretrained=False, num_classes=0)
+    _check_tokens(card, _timm_facts(model))
+
+
+# open_clip's pretrained configs carry no licence: it is read from timm's config of the same hub repository.
+# timm labels its copies of OpenAI's CLIP weights apache-2.0; OpenAI released them under MIT (openai/CLIP LICENSE).
+_UPSTREAM_LICENSE = {"openai": "mit"}
+
+
+@pytest.mark.parametrize("alias", _aliases("open_clip"))
+def test_card_data__open_clip_cards_match_open_clip_configs(alias):
+    import open_clip
+    import timm
+    import torch
+
+    card = get_card(alias)
+    arch, tag = card.model_id, card.pretrained_tag
+    assert (arch, tag) in open_clip.list_pretrained(), f"open_clip has no {arch}/{tag}"
+    pcfg, mcfg = open_clip.get_pretrained_cfg(arch, tag), open_clip.get_model_config(arch)
+    assert card.mean == pytest.approx(pcfg["mean"]) and card.std == pytest.approx(pcfg["std"]), "mean/std"
+    assert card.interpolation == pcfg.get("interpolation", "bicubic")
+    # weights trained with QuickGELU run silently wrong (but without error) under an arch with plain GELU
+    assert bool(mcfg.get("quick_gelu")) == bool(pcfg.get("quick_gelu")), "use the -quickgelu arch for these weights"
+    vision = mcfg["vision_cfg"]
+    size = vision["image_size"]
+    assert card.image_size == (size if isinstance(size, int) else size[0]), "image_size"
+    if "timm_model_name" in vision:  # SigLIP: a timm trunk; the summary is its pooled output before any projection
+        assert vision.get("timm_proj") in (None, "", "none") or card.summary_from == "cls"
+        with torch.device("meta"):
+            trunk = timm.create_model(vision["timm_model_name"], pretrained=False, num_classes=0,
+                                      global_pool=vision.get("timm_pool", "avg"), img_size=card.image_size)
+        _check_tokens(card, _timm_facts(trunk))
+    else:  # OpenCLIP's own ViT: tokens and the class-token summary are trunk-width, taken before `proj`
+        has_cls = vision.get("pool_type", "tok") == "tok" and not vision.get("attentional_pool", False)
+        facts = {"family": "vit", "patch_size": vision["patch_size"], "patch_dim": vision["width"],
+                 "num_register_tokens": 0, "has_cls": has_cls, "has_pool": not has_cls, "pool_dim": vision["width"],
+                 "own_summary": "cls" if has_cls else "pool"}
+        _check_tokens(card, facts)
+    hub = pcfg.get("hf_hub", "").strip("/").removeprefix("timm/")
+    twin = timm.models.get_pretrained_cfg(hub) if "." in hub else None
+    if tag in _UPSTREAM_LICENSE:
+        assert card.license == _UPSTREAM_LICENSE[tag]
+    elif twin is not None:
+        assert card.license == twin.license, f"licence of {hub}"
+
+
+# transformers ships no hub configs; its conversion scripts (models/dinov2/convert_dinov2_to_hf.py and
+# dinov2_with_registers/convert_dinov2_with_registers_to_hf.py) build every facebook/dinov2[-with-registers]-SIZE
+# checkpoint with image_size=518, patch_size=14, these widths, and a BitImageProcessor with ImageNet mean/std and
+# bicubic resampling (its 256 -> 224 crop is a classification-eval convention; 518 is the model's own size).
+_HF_DINOV2_WIDTH = {"small": 384, "base": 768, "large": 1024, "giant": 1536}
+
+
+@pytest.mark.parametrize("alias", _aliases("hf"))
+def test_card_data__hf_cards_match_their_timm_twin_and_transformers(alias):
+    import re
+
+    from transformers import Dinov2WithRegistersConfig
+    from transformers.image_utils import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+
+    card, twin = get_card(alias), get_card(alias.removesuffix("_hf"))
+    assert twin.source == "timm", "every HF card has a timm card of the same weights"
+    same = ("family", "image_size", "patch_size", "summary_dim", "patch_dim", "num_register_tokens", "tokens",
+            "summary_from", "mean", "std", "interpolation", "license", "paper")
+    assert {f: getattr(card, f) for f in same} == {f: getattr(twin, f) for f in same}
+    match = re.fullmatch(r"vit_(small|base|large|giant)_patch14(_reg4)?_dinov2", twin.model_id)
+    assert match, twin.model_id
+    size, registers = match.groups()
+    assert card.model_id == f"facebook/dinov2-{'with-registers-' if registers else ''}{size}"
+    assert (card.image_size, card.patch_size, card.patch_dim) == (518, 14, _HF_DINOV2_WIDTH[size])
+    assert card.num_register_tokens == (Dinov2WithRegistersConfig().num_register_tokens if registers else 0)
+    assert card.mean == pytest.approx(IMAGENET_DEFAULT_MEAN) and card.std == pytest.approx(IMAGENET_DEFAULT_STD)
+    assert card.interpolation == "bicubic"
+
+
+@pytest.mark.parametrize("alias", _aliases("py"))
+def test_card_data__py_cards_match_their_module(alias):
+    import importlib
+
+    import torch
+
+    card = get_card(alias)
+    module_name, _, attr = card.model_id.partition(":")
+    module = importlib.import_module(module_name)
+    for name, value in module.CARD.items():  # the module's own card is the source of truth
+        expected = tuple(value) if isinstance(value, list) else value
+        assert getattr(card, name) == (pytest.approx(expected) if name in ("mean", "std") else expected), name
+    with torch.device("meta"):
+        out = getattr(module, attr)()(torch.empty(1, 3, card.image_size, card.image_size))
+    assert out["patch"].shape[1] == card.patch_dim and card.image_size // out["patch"].shape[-1] == card.patch_size
+    assert out["summary"].shape[-1] == card.summary_dim
+
+
+def test_card_data__every_shipped_card_is_checked_against_its_library():
+    checked = {a for source in ("timm", "open_clip", "hf", "py") for a in _aliases(source)}
+    assert checked == set(ALL_ALIASES)
