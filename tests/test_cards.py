@@ -69,9 +69,12 @@ def test_card__builds_on_meta_and_matches_the_library(alias):
     x = torch.empty(2, 3, *teacher.input_size, device="meta")
     summary_BD, patch_BND, feat_grid = backbone.forward_tokens(x)
     assert tuple(feat_grid) == card.grid_for(teacher.input_size)
-    if card.family == "vit":  # patch-14 teacher under a patch-16 student: fed grid * 14 px, grids match exactly
+    if card.family == "vit" and card.resolution == "student":  # patch 14 under patch 16: fed grid * 14 px
         assert teacher.input_size == (STUDENT_GRID[0] * card.patch_size, STUDENT_GRID[1] * card.patch_size)
         assert tuple(feat_grid) == STUDENT_GRID
+    elif card.family == "vit":  # fed its native size (SAM: 1024 px, a 64x64 map resized to the student grid)
+        assert teacher.input_size == (card.image_size, card.image_size)
+        assert tuple(feat_grid) == card.native_grid
     assert patch_BND.shape == (2, feat_grid[0] * feat_grid[1], card.patch_dim)
     if card.has_summary:
         assert summary_BD.shape == (2, card.summary_dim)

@@ -220,3 +220,23 @@ def test_stop_request__the_launchers_echo_of_a_signal_does_not_kill():
         with _StopRequest(repeat_grace_s=0.0):
             os.kill(os.getpid(), signal.SIGINT)
             os.kill(os.getpid(), signal.SIGINT)
+
+
+def test_resume__keeps_the_teacher_cards_it_started_with(tiny_teachers, tiny_images, tmp_path, caplog):
+    # The registry changes between start and resume (a new unic version feeds tiny_a at its native 160 px): the
+    # resumed run must still feed it as before, so its losses equal an uninterrupted run's.
+    straight = _config(tiny_teachers, tiny_images, tmp_path / "straight")
+    run(straight)
+    shutil.copytree(tmp_path / "straight", tmp_path / "resumed")
+    _rewind(tmp_path / "resumed", 2)
+    from unic_cli import registry
+
+    card = registry.card_path("tiny_a")
+    card.write_text(card.read_text() + 'resolution = "native"\n')
+    registry.all_cards.cache_clear()
+    assert registry.get_card("tiny_a").input_size_for((4, 4)) == (160, 160)
+    with caplog.at_level(logging.WARNING, logger="unic_cli"):
+        run(replace(straight, out_dir=tmp_path / "resumed"), resume=True)
+    assert ("teacher tiny_a: its card has changed since this run started (resolution 'student' -> 'native'); the "
+            "run keeps the card it started with") in caplog.text
+    assert _metrics(tmp_path / "resumed") == _metrics(tmp_path / "straight")

@@ -19,6 +19,7 @@ from torch import nn
 from unic_cli.config import DistillConfig
 from unic_cli.ladder import LadderProjector, parse_ladder_blocks
 from unic_cli.losses import TeacherLosses, teacher_losses
+from unic_cli.registry import TeacherCard
 from unic_cli.standardize import TeacherStandardizers
 from unic_cli.student import Student, build_student
 
@@ -80,20 +81,24 @@ def teacher_dims(teachers) -> list[tuple[int | None, int]]:
 
 
 def build_teachers(config: DistillConfig, grid: tuple[int, int], device: str | torch.device,
-                   dtype: torch.dtype = torch.float32, *, init_on_device: bool = False) -> list[nn.Module]:
+                   dtype: torch.dtype = torch.float32, *, init_on_device: bool = False,
+                   cards: Sequence[TeacherCard] | None = None) -> list[nn.Module]:
     """Every teacher, frozen, at the student's grid; random weights on the meta device or when asked.
 
     `dtype` converts the backbone's weights (bf16 teachers then run natively in bf16, without autocast);
     ConvNet teachers are put in channels-last memory format, which their convolutions run faster in.
     `init_on_device` builds random teachers directly on `device` (a 1B-parameter init on the host is slow).
+    `cards` (a checkpoint's, one per teacher) replace what the specs resolve to today, so that a resumed run
+    feeds its teachers exactly as before even when the registry changed in between.
     """
     from unic_cli.teachers import load_teacher
 
     pretrained = not config.random_init_teachers and str(device) != "meta"
     teachers = []
-    for spec in config.teachers:
+    for i, spec in enumerate(config.teachers):
         with torch.device(device) if init_on_device and not pretrained else contextlib.nullcontext():
-            teacher = load_teacher(spec, grid=grid, pretrained=pretrained, device=device)
+            teacher = load_teacher(spec, grid=grid, pretrained=pretrained, device=device,
+                                   card=cards[i] if cards is not None else None)
         if dtype != torch.float32:
             teacher.backbone.to(dtype)
         if teacher.card.family == "convnet":

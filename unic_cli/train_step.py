@@ -72,12 +72,16 @@ def build_trainer(config: DistillConfig, device: torch.device, dist: DistInfo, c
             a different random stream than a host-side initialisation; `unic bench` uses it).
     """
     from unic_cli.plan import build_model, build_teachers, compile_parts, resolve_dtypes
+    from unic_cli.registry import TeacherCard
     from unic_cli.student import build_student
 
     teacher_dtype, student_bf16 = resolve_dtypes(config, device)
     torch.manual_seed(config.seed)
     student = build_student(config.student, image_size=config.image_size, drop_path_rate=config.drop_path_rate)
-    teachers = build_teachers(config, student.grid, device, teacher_dtype, init_on_device=init_on_device)
+    # a resumed run keeps the teacher cards it started with (saved in every checkpoint)
+    cards = [TeacherCard.from_dict(c, origin="checkpoint") for c in ckpt["teachers"]] if ckpt is not None else None
+    teachers = build_teachers(config, student.grid, device, teacher_dtype, init_on_device=init_on_device,
+                              cards=cards)
     core = build_model(config, teachers, student, student_bf16=student_bf16).to(device)
     if dist.rank > 0:
         torch.manual_seed(config.seed + dist.rank)

@@ -192,3 +192,21 @@ def test_resolve_card__unknown_timm_names_suggest(spec, message):
 
     with pytest.raises(UnknownTeacherError, match=message):
         resolve_card(spec)
+
+
+def test_load_teacher__native_resolution_feeds_image_size_and_averages_the_map_onto_the_grid():
+    torch.manual_seed(0)
+    teacher = load_teacher("timm:test_vit?resolution=native", grid=(4, 4), pretrained=False)
+    assert teacher.input_size == (160, 160)  # not 4 x 16 = 64 px
+    images = _images(64)
+    tokens = teacher(images)
+    native = Teacher(teacher.card, teacher.backbone, grid=None)(images).patch_BND  # the 10x10 map at 160 px
+    assert tokens.patch_BND.shape == (2, 16, 64) and native.shape == (2, 100, 64)
+    fmap = native.transpose(1, 2).reshape(2, 64, 10, 10)
+    shrunk = torch.nn.functional.interpolate(fmap, size=(4, 4), mode="bilinear", antialias=True)
+    torch.testing.assert_close(tokens.patch_BND, shrunk.flatten(2).transpose(1, 2))
+
+
+def test_resolve_card__resolution_must_be_student_or_native():
+    with pytest.raises(RegistryError, match=r"resolution must be one of \['student', 'native'\], got 'full'"):
+        resolve_card("timm:test_vit?resolution=full")

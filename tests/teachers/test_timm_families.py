@@ -55,7 +55,8 @@ def test_timm_teacher__swin_nhwc_map_is_permuted_and_resized_to_the_student_grid
         feats_BhwD = model.forward_features(_normalised(teacher, images))
         pooled = model.forward_head(feats_BhwD, pre_logits=True)
     assert feats_BhwD.shape == (2, 8, 8, 32)  # NHWC
-    expected = F.interpolate(feats_BhwD.permute(0, 3, 1, 2), size=(4, 4), mode="bilinear", align_corners=False)
+    expected = F.interpolate(feats_BhwD.permute(0, 3, 1, 2), size=(4, 4), mode="bilinear", align_corners=False,
+                             antialias=True)  # shrinking 8x8 -> 4x4 averages, not samples
     assert tokens.patch_BND.shape == (2, 16, 32)
     torch.testing.assert_close(tokens.patch_BND, expected.flatten(2).transpose(1, 2))
     torch.testing.assert_close(tokens.summary_BD, pooled)

@@ -8,10 +8,14 @@ from __future__ import annotations
 
 import importlib
 import logging
+from typing import TYPE_CHECKING
 
 from unic_cli.errors import RegistryError, WeightsError
 from unic_cli.registry import TeacherCard, TeacherSpec, apply_overrides, card_path, get_card, parse_teacher_spec
 from unic_cli.teachers.base import Teacher, TeacherTokens
+
+if TYPE_CHECKING:
+    import torch
 
 log = logging.getLogger("unic_cli")
 _warned: set[str] = set()  # specs whose no-effect override was already reported (distill, bench: once each)
@@ -47,7 +51,8 @@ def load_teacher(
     *,
     grid: tuple[int, int] | None = None,
     pretrained: bool = True,
-    device: str = "cpu",
+    device: str | torch.device = "cpu",
+    card: TeacherCard | None = None,
 ) -> Teacher:
     """Build a frozen teacher behind the token contract.
 
@@ -55,10 +60,32 @@ def load_teacher(
         spec: an alias or explicit spec (see `unic_cli.registry`), optionally with local weights.
         grid: the student's patch grid; None keeps the teacher's native grid.
         pretrained: load weights (hub, package or local file); False gives a random init, for tests and bench.
-        device: where the teacher lives.
+        device: where the teacher lives: "cpu", "cuda", "cuda:N", "auto" (cuda when available), or any
+            torch device.
+        card: build from this card instead of the one the spec resolves to today (a resumed run keeps the
+            card it started with, whatever the registry says now); the differences are logged.
+
+    Returns:
+        A `Teacher` (an `nn.Module` in eval mode, frozen): `teacher(images_BCHW)` takes uint8 [0, 255] or float
+        [0, 1] pixels of any size and returns `TeacherTokens(summary_BD, patch_BND)`.
+
+    Raises:
+        ConfigError: `device` names a CUDA device this machine lacks (checked before any weights load).
+        UnknownTeacherError, RegistryError, WeightsError: the spec, its card or its weights.
     """
+    from unic_cli.devices import resolve_device
+
+    if str(device) == "auto" or str(device).startswith("cuda"):  # "cpu", "meta", "mps" pass as they are
+        device = resolve_device(str(device))
     spec = parse_teacher_spec(spec) if isinstance(spec, str) else spec
-    card = resolve_card(spec)
+    current = resolve_card(spec)
+    if card is None:
+        card = current
+    elif changed := {k: (v, getattr(current, k)) for k, v in card.to_dict().items()
+                     if k not in ("notes", "paper") and (list(v) if isinstance(v, tuple) else v)
+                     != (list(w) if isinstance(w := getattr(current, k), tuple) else w)}:
+        log.warning("teacher %s: its card has changed since this run started (%s); the run keeps the card it "
+                    "started with", spec.text, ", ".join(f"{k} {a!r} -> {b!r}" for k, (a, b) in changed.items()))
     try:
         backbone = _adapter(card.source).build_backbone(card, spec, pretrained=pretrained)
     except WeightsError as err:
@@ -67,13 +94,14 @@ def load_teacher(
             raise
         raise WeightsError(f"{err} (the `weights` of card {where}; a relative path is read from the card's "
                            "folder)") from None
-    teacher = Teacher(card, backbone, grid=grid).to(device)
-    if grid is not None and card.family == "vit" and "image_size" in spec.overrides and spec.text not in _warned:
+    teacher = Teacher(card, backbone, grid=grid).to(device).eval()  # eval: `teacher.training` says False too
+    if (grid is not None and card.family == "vit" and card.resolution == "student" and "image_size" in spec.overrides
+            and spec.text not in _warned):
         _warned.add(spec.text)
         log.warning(
             "teacher %s: ?image_size=%s has no effect here: a ViT teacher sees the student's grid times its patch "
-            "size (%dx%d px); image_size sets only its native input (`unic probe`, `teachers show` without a "
-            "student) and a ConvNet's input", spec.text, spec.overrides["image_size"], *teacher.input_size,
+            "size (%dx%d px); add &resolution=native to feed it image_size (its feature map is then resized to "
+            "the student's grid)", spec.text, spec.overrides["image_size"], *teacher.input_size,
         )
     return teacher
 
@@ -109,7 +137,7 @@ def check_teacher(
     start = time.perf_counter()
     teacher = load_teacher(spec, grid=grid, pretrained=pretrained, device=device)
     loaded = time.perf_counter()
-    images_BCHW = torch.zeros(batch_size, 3, *teacher.input_size, dtype=torch.uint8, device=device)
+    images_BCHW = torch.zeros(batch_size, 3, *teacher.input_size, dtype=torch.uint8, device=teacher.mean_C.device)
     tokens = teacher(images_BCHW)
     shapes = {"summary": None if tokens.summary_BD is None else list(tokens.summary_BD.shape),
               "patch": list(tokens.patch_BND.shape)}

@@ -43,12 +43,17 @@ class Backbone(Protocol):
 
 
 def resample_grid(patch_BND: torch.Tensor, src: tuple[int, int], dst: tuple[int, int]) -> torch.Tensor:
-    """Resize patch tokens laid on grid `src` to grid `dst` (bilinear, as for a feature map)."""
+    """Resize patch tokens laid on grid `src` to grid `dst` (bilinear, as for a feature map).
+
+    Shrinking averages over each target cell's footprint (antialiased), so a 64x64 SAM map brought down to a
+    14x14 student grid summarises every token rather than sampling 4 of every 21.
+    """
     if src == dst:
         return patch_BND
     B, N, D = patch_BND.shape
     fmap_BDhw = patch_BND.transpose(1, 2).reshape(B, D, *src)
-    fmap_BDhw = F.interpolate(fmap_BDhw.float(), size=dst, mode="bilinear", align_corners=False)
+    shrink = dst[0] < src[0] or dst[1] < src[1]
+    fmap_BDhw = F.interpolate(fmap_BDhw.float(), size=dst, mode="bilinear", align_corners=False, antialias=shrink)
     return fmap_BDhw.flatten(2).transpose(1, 2).to(patch_BND.dtype)
 
 
