@@ -14,3 +14,7 @@ def __getattr__(name: str):
 
         return getattr(importlib.import_module(_LAZY[name]), name)
     raise AttributeError(f"module 'unic_cli' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:  # tab completion in a notebook lists the lazy names too
+    return sorted({*globals(), *_LAZY})

@@ -9,6 +9,7 @@ weights load. `to_toml()` writes a file that `--config` reads back into the same
 from __future__ import annotations
 
 import difflib
+import functools
 import sys
 import types
 import typing
@@ -85,6 +86,11 @@ def output_folder_problem(flag: str, path: Path) -> str | None:
     return None
 
 
+@functools.cache
+def _type_hints(cls: type) -> dict[str, Any]:
+    return typing.get_type_hints(cls)
+
+
 @dataclass(frozen=True, kw_only=True)
 class CommandConfig:
     """Base of the per-command configs: layering, coercion, validation and TOML round trip."""
@@ -95,6 +101,21 @@ class CommandConfig:
     # settings that replace each other: a flag for one drops the others' values from the file (a run's
     # config.toml says `epochs = 1`; `--resume --steps 600` means steps now, not both)
     alternatives: ClassVar[tuple[tuple[str, ...], ...]] = ()
+
+    def __post_init__(self) -> None:
+        """Coerce every field as `from_sources` does, so a config built directly (`DistillConfig(teachers="a",
+        data_dir="imgs")`, the Python API) holds Paths and tuples too; a wrong type is one ConfigError listing each.
+        Values are checked by `validate()` (the library entry points call it), not here: a config read back from a
+        checkpoint may name a data folder that is gone."""
+        hints = _type_hints(type(self))
+        problems = []
+        for f in fields(self):
+            try:
+                object.__setattr__(self, f.name, _coerce(f.name, hints[f.name], getattr(self, f.name)))
+            except ConfigError as err:
+                problems.extend(err.problems)
+        if problems:
+            raise ConfigError(problems)
 
     @classmethod
     def field_defaults(cls) -> dict[str, Any]:
@@ -128,8 +149,10 @@ class CommandConfig:
             values.update({k: v for k, v in raw.items() if k in names})
         given = {key: value for key, value in (flags or {}).items() if value is not None and value != ()}
         for key in (flags or {}):
-            if key not in names:
-                raise TypeError(f"{cls.__name__} has no field {key!r}")  # a programming error, not a user one
+            if key not in names:  # a programming error (a Python keyword typo), not a user one: TypeError
+                close = difflib.get_close_matches(key, names, n=1)
+                hint = f"; did you mean {close[0]!r}?" if close else ""
+                raise TypeError(f"{cls.__name__} has no field {key!r}{hint}")
         for group in cls.alternatives:
             if [key for key in group if key in given]:
                 for key in group:

@@ -67,6 +67,20 @@ class DistillHooks:
 
 @dataclass
 class RunResult:
+    """What `run` returns.
+
+    Attributes:
+        run_dir: the run folder (config.toml, metrics.jsonl, run.json, plots, checkpoints/).
+        step: optimiser steps done; `total_steps` when the run finished.
+        total_steps: the run's length in optimiser steps.
+        status: "done", or "interrupted" (SIGINT/SIGTERM: the run stopped at a step boundary and saved a
+            checkpoint; `run(config, resume=True)` continues it).
+        checkpoint: the last checkpoint written (None if none was).
+        last_metrics: the last metrics.jsonl line: step, loss, lr, images_per_sec, and per teacher
+            (`teachers["t0"]`, ...) its losses and teacher-dropping coefficient.
+        signal_name: the signal that stopped the run ("SIGINT", "SIGTERM"), else None.
+    """
+
     run_dir: Path
     step: int
     total_steps: int
@@ -283,10 +297,14 @@ def run(config: DistillConfig, *, resume: bool = False, overwrite: bool = False,
         timer: optional `timer(name)` context manager wrapped around each part of a step (teachers, student,
             loss, backward, optimizer): a hook for benchmarks; the default does nothing.
     """
+    config.validate()  # a config built directly (not by from_sources) is checked here, before anything loads
     dist = dist_info()
     device, created = distributed.setup(dist, resolve_device(config.device), fsdp=config.fsdp)
+    # the run seeds torch's global generators (student init, drop path): the caller's streams come back after
+    cuda_devices = [device] if device.type == "cuda" else []
     try:
-        return _run(config, dist, device, resume=resume, overwrite=overwrite, hooks=hooks, timer=timer)
+        with torch.random.fork_rng(devices=cuda_devices):
+            return _run(config, dist, device, resume=resume, overwrite=overwrite, hooks=hooks, timer=timer)
     finally:
         distributed.teardown(created)
 
@@ -337,6 +355,13 @@ def _train(config, dist, device, ckpt, earlier_run, *, hooks, timer) -> RunResul
     run_dir = config.out_dir
     # the data first: an empty or too small folder is reported before any teacher is downloaded or built
     source = open_train_source(config.data_dir, batch_size=config.batch_size, world_size=dist.world_size)
+    if ckpt is not None:  # a finished run: say so before building (or downloading) any teacher
+        planned, _ = total_steps(config, len(source) // (config.batch_size * dist.world_size))
+        if ckpt["step"] >= planned:
+            last_metrics = ckpt.get("last_metrics") or {}
+            log.info("%s already finished at step %d/%d (loss %s); nothing to do", run_dir, ckpt["step"], planned,
+                     last_metrics.get("loss"))
+            return RunResult(run_dir, ckpt["step"], planned, "done", Path(ckpt["path"]), last_metrics)
     tr = build_trainer(config, device, dist, ckpt)
     loader = train_loader(config, tr.teachers, rank=dist.rank, world_size=dist.world_size, source=source)
     num_steps, steps_per_epoch = total_steps(config, loader.steps_per_epoch)
@@ -358,10 +383,6 @@ def _train(config, dist, device, ckpt, earlier_run, *, hooks, timer) -> RunResul
         saved_counters = ckpt.get("counters") or {}
         # skipped images are counted per rank and summed when logged: rank 0 carries the saved total
         counters.update(saved_counters if dist.is_main else {"skipped_steps": saved_counters.get("skipped_steps", 0)})
-        if start_step >= num_steps:
-            log.info("%s already finished at step %d/%d (loss %s); nothing to do", run_dir, start_step, num_steps,
-                     last_metrics.get("loss"))
-            return RunResult(run_dir, start_step, num_steps, "done", last_ckpt, last_metrics)
         if dist.is_main:
             saved = DistillConfig.from_dict(ckpt["config"])
             if changes := _config_changes(saved, config):

@@ -634,7 +634,7 @@ def _move_into_place(tmp: Path, out_dir: Path) -> None:
         shutil.rmtree(old) if old.is_dir() and not old.is_symlink() else old.unlink()
 
 
-def export_student(checkpoint_or_run: str | Path, out_dir: str | Path, *, keep_heads: tuple[str, ...] = (),
+def export_student(checkpoint_or_run: str | Path, out_dir: str | Path, *, keep_heads: str | tuple[str, ...] = (),
                    overwrite: bool = False) -> Path:
     """Write a projector-free student folder that timm and transformers load as is, and verify it.
 
@@ -642,7 +642,8 @@ def export_student(checkpoint_or_run: str | Path, out_dir: str | Path, *, keep_h
         checkpoint_or_run: a `unic distill` checkpoint (final or intermediate), or a run folder (its latest
             checkpoint: `checkpoints/last.pt`, else the highest `step_*.pt`).
         out_dir: the folder to write; it must not exist (or be empty) unless `overwrite`.
-        keep_heads: teacher aliases whose ladder heads and standardiser statistics go to `heads.safetensors`.
+        keep_heads: teacher aliases (card aliases, specs as typed, or `t0`, `t1`, ...) whose ladder heads and
+            standardiser statistics go to `heads.safetensors`; one alias may be given as a plain string.
         overwrite: replace an earlier export at `out_dir`.
 
     Returns:
@@ -655,7 +656,8 @@ def export_student(checkpoint_or_run: str | Path, out_dir: str | Path, *, keep_h
     checkpoint = find_checkpoint(Path(checkpoint_or_run))
     _check_out_dir(out_dir, overwrite)
     ckpt, sha256, stable = read_checkpoint(checkpoint)
-    chosen = _resolve_keep_heads(tuple(keep_heads), ckpt)
+    # one alias given as a string is one teacher, not a tuple of its characters ("t0" -> ("t", "0"))
+    chosen = _resolve_keep_heads((keep_heads,) if isinstance(keep_heads, str) else tuple(keep_heads), ckpt)
     student = ckpt["student"]
     try:
         model = build_encoder(student)

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import logging
 import math
+import numbers
 import os
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -290,6 +291,17 @@ def _check_global_batch(source, batch_size: int, world_size: int) -> None:
                         f"--batch-size or add images.")
 
 
+def _check_sizes(**values: int) -> None:
+    """The loaders' integer settings, checked up front: a batch size of 0 divides by zero and an image size of 0
+    makes every image "unreadable" (a misleading warning per file) much later."""
+    minimum = {"num_workers": 0}
+    problems = [f"{name} must be an integer >= {minimum.get(name, 1)}, got {value!r}" for name, value in values.items()
+                if isinstance(value, bool) or not isinstance(value, numbers.Integral)
+                or value < minimum.get(name, 1)]
+    if problems:
+        raise DataError("; ".join(problems) + ".")
+
+
 def build_train_loader(data_dir, *, image_size: int, batch_size: int, num_workers: int, seed: int,
                        rank: int = 0, world_size: int = 1, augment: str = "unic",
                        crop_scale: tuple[float, float] = (0.08, 1.0), pin_memory: bool | None = None) -> TrainLoader:
@@ -308,8 +320,10 @@ def build_train_loader(data_dir, *, image_size: int, batch_size: int, num_worker
         pin_memory: pin batches for fast host-to-device copies; default: when CUDA is available.
 
     Raises:
-        DataError: the folder is missing or empty, or holds fewer images than one global batch.
+        DataError: the folder is missing or empty, holds fewer images than one global batch, or a size or
+            count is out of range (image_size, batch_size, world_size below 1, num_workers below 0).
     """
+    _check_sizes(image_size=image_size, batch_size=batch_size, num_workers=num_workers, world_size=world_size)
     if augment not in AUGMENTATIONS:
         raise DataError(f"Unknown augmentation {augment!r}; choose one of {', '.join(AUGMENTATIONS)}.")
     if not (len(crop_scale) == 2 and 0.0 < crop_scale[0] <= crop_scale[1] <= 1.0):
@@ -390,8 +404,9 @@ def build_eval_loader(paths_or_dir: Path | Sequence[Path], *, image_size: int, b
     """A deterministic pass over a folder (labels from class subfolders) or an explicit list of paths.
 
     Raises:
-        DataError: the folder is missing or holds no image, or the list is empty.
+        DataError: the folder is missing or holds no image, the list is empty, or a size is below 1.
     """
+    _check_sizes(image_size=image_size, batch_size=batch_size, num_workers=num_workers)
     if isinstance(paths_or_dir, (str, os.PathLike)):
         entries = list_image_folder(Path(paths_or_dir))
         paths = [str(p) for p, _ in entries]
