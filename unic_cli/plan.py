@@ -275,6 +275,7 @@ def plan_distillation(config: DistillConfig) -> dict:
     from unic_cli.devices import resolve_device
     from unic_cli.distill import total_steps
 
+    config.validate()  # a config built directly (the Python API) is checked here, as `run` does
     device = resolve_device(config.device)
     model, teachers = build_meta(config)
     loader = train_loader(config, teachers, num_workers=0)

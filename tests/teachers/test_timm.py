@@ -7,7 +7,7 @@ import torch
 from safetensors.torch import save_file
 
 from tests.teachers.conftest import normalise
-from unic_cli.errors import RegistryError, WeightsError
+from unic_cli.errors import DataError, RegistryError, WeightsError
 from unic_cli.registry import TeacherCard
 from unic_cli.teachers import Teacher, load_teacher, resolve_card
 from unic_cli.teachers.timm import TimmTeacher, card_from_model
@@ -210,3 +210,11 @@ def test_load_teacher__native_resolution_feeds_image_size_and_averages_the_map_o
 def test_resolve_card__resolution_must_be_student_or_native():
     with pytest.raises(RegistryError, match=r"resolution must be one of \['student', 'native'\], got 'full'"):
         resolve_card("timm:test_vit?resolution=full")
+
+
+def test_teacher__refuses_a_non_rgb_batch_with_its_shape():
+    teacher = load_teacher("timm:test_vit", grid=(4, 4), pretrained=False)
+    with pytest.raises(DataError, match=r"takes RGB images \[B, 3, H, W\], got a tensor of shape \[2, 1, 64, 64\]"):
+        teacher(torch.zeros(2, 1, 64, 64, dtype=torch.uint8))
+    with pytest.raises(DataError, match=r"shape \[3, 64, 64\]"):
+        teacher(torch.zeros(3, 64, 64, dtype=torch.uint8))

@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from unic_cli.errors import DataError
 from unic_cli.registry import TeacherCard
 
 
@@ -85,7 +86,10 @@ class Teacher(nn.Module):
 
     def preprocess(self, images_BCHW: torch.Tensor) -> torch.Tensor:
         """uint8 [0, 255] or float [0, 1] -> float32 at the teacher's input size, normalised."""
-        x = images_BCHW.float()
+        if images_BCHW.ndim != 4 or images_BCHW.shape[1] != 3:  # a shape check, no host sync
+            raise DataError(f"teacher {self.card.alias!r} takes RGB images [B, 3, H, W], got a tensor of shape "
+                            f"{list(images_BCHW.shape)} (grayscale: repeat the channel, `x.expand(-1, 3, -1, -1)`)")
+        x = images_BCHW.to(self.mean_C.device, non_blocking=True).float()  # no-op when already there
         if images_BCHW.dtype == torch.uint8:
             x = x / 255.0
         if tuple(x.shape[-2:]) != self.input_size:
