@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import math
+
+import pytest
 import torch
 import torch.nn.functional as F
 
@@ -87,3 +90,75 @@ def test_channel_stats__streamed_subset_equals_the_in_memory_subset(tmp_path):
         got = _channel_stats(_row_store(tmp_path, patch_MND, rows_per_chunk=3), torch.device("cpu"),
                              max_rows=max_rows)
         assert all(torch.equal(a, b) for a, b in zip(got, want))
+
+
+def test_seg_scores__match_an_mmseg_style_reference_on_random_masks():
+    import numpy as np
+
+    from unic_cli.probe.dense import seg_confusion, seg_scores
+
+    rng = np.random.default_rng(0)
+    for _ in range(20):
+        K, shape = int(rng.integers(2, 10)), (2, int(rng.integers(3, 20)), int(rng.integers(3, 20)))
+        true = rng.choice(rng.choice(K, int(rng.integers(1, K + 1)), replace=False), shape)  # some classes absent
+        true[rng.random(shape) < 0.2] = 255
+        pred = rng.choice(rng.choice(K, int(rng.integers(1, K + 1)), replace=False), shape)
+        keep = (rng.random(shape) < 0.5) & (true != 255)
+        pred[keep] = true[keep]
+        # reference: intersect / union per class over non-ignored pixels, nanmean (absent from both: 0 / 0)
+        valid = true != 255
+        t, p = true[valid], pred[valid]
+        inter = np.bincount(t[p == t], minlength=K).astype(float)
+        union = np.bincount(p, minlength=K) + np.bincount(t, minlength=K) - inter
+        with np.errstate(invalid="ignore"):
+            want_miou = np.nanmean(inter / union)
+        confusion = sum(seg_confusion(torch.from_numpy(pred[i : i + 1]), torch.from_numpy(true[i : i + 1]).byte(),
+                                      num_classes=K, ignore_index=255) for i in range(2))
+        got = seg_scores(confusion)
+        assert got["miou"] == pytest.approx(want_miou, abs=1e-12)
+        assert got["pixel_acc"] == pytest.approx(inter.sum() / valid.sum(), abs=1e-12)
+
+
+def test_seg_scores__a_class_only_predicted_counts_zero_and_one_absent_from_both_is_left_out():
+    from unic_cli.probe.dense import seg_scores
+
+    # classes 0, 1 in the truth; class 2 only predicted; class 3 nowhere
+    confusion = torch.tensor([[3, 0, 1, 0], [0, 2, 0, 0], [0, 0, 0, 0], [0, 0, 0, 0]])
+    assert seg_scores(confusion)["miou"] == pytest.approx((3 / 4 + 1.0 + 0.0) / 3)
+
+
+def test_depth_errors__per_image_metrics_match_the_depth_toolbox_reference():
+    import numpy as np
+
+    from unic_cli.probe.dense import depth_errors
+
+    rng = np.random.default_rng(0)
+    true = rng.uniform(0.5, 10, (4, 9, 11))
+    true[rng.random(true.shape) < 0.3] = 0  # invalid pixels
+    true[0] = 0  # an image without a valid pixel is not scored
+    pred = np.clip(true * rng.uniform(0.6, 1.5, true.shape), 0.5, 10)
+    errors, scored = depth_errors(torch.from_numpy(pred), torch.from_numpy(true))
+    assert scored.tolist() == [False, True, True, True]
+    for i in (1, 2, 3):  # Eigen et al.'s metrics as BTS / the Monocular-Depth-Estimation-Toolbox compute them
+        m = true[i] > 0
+        p, t = pred[i][m], true[i][m]
+        want = [np.sqrt(((t - p) ** 2).mean()), np.mean(np.abs(t - p) / t), (np.maximum(t / p, p / t) < 1.25).mean()]
+        assert errors[i].tolist() == pytest.approx(want, abs=1e-12)
+
+
+def test_run_depth_probe__averages_per_image_not_per_pixel():
+    # one depth bin: every prediction is the bin centre, the training minimum (1 m). Image 0 has 2 valid pixels
+    # at 3 m, image 1 has 256 at 1.2 m. Per image, then averaged (the toolboxes' protocol): RMSE (2 + 0.2) / 2;
+    # pooled over pixels it would be sqrt((2 * 4 + 256 * 0.04) / 258) = 0.27 and delta1 256 / 258
+    tokens = torch.randn(2, 16, 4, generator=torch.Generator().manual_seed(0))
+    train = torch.full((2, 16, 16), 2.0)
+    train[0, 0, 0] = 1.0
+    test = torch.full((2, 16, 16), 1.2)
+    test[0] = 0.0
+    test[0, 0, :2] = 3.0
+    metrics = run_depth_probe(tokens, train, tokens, test, grid=(4, 4), num_bins=1, num_steps=1)
+    assert metrics["rmse"] == pytest.approx(1.1)
+    assert metrics["abs_rel"] == pytest.approx((2 / 3 + 0.2 / 1.2) / 2)
+    assert metrics["delta1"] == pytest.approx(0.5)
+    nothing = run_depth_probe(tokens, train, tokens, torch.zeros(2, 16, 16), grid=(4, 4), num_bins=1, num_steps=1)
+    assert all(math.isnan(nothing[m]) for m in ("rmse", "abs_rel", "delta1"))  # not a perfect 0 RMSE

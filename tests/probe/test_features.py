@@ -108,11 +108,14 @@ def test_extract_features__one_pass_then_the_cache(tmp_path, class_data, teacher
     assert {p: p.stat().st_mtime_ns for p in cache.root.iterdir()} == stamps
     assert caplog.text.count("from the cache") == 4
     torch.testing.assert_close(again["val"][refs[0].name]["summary"], first["val"][refs[0].name]["summary"])
-    # a changed file changes the dataset fingerprint: that split is extracted again
+    # a changed file changes the dataset fingerprint: that split is extracted again, and its old entries,
+    # whose key can never match again, are removed once the new ones are complete
     (class_data / "val" / "red" / "0.png").write_bytes((class_data / "val" / "red" / "1.png").read_bytes())
     os.utime(class_data / "val" / "red" / "0.png", ns=(1, 1))
     extract_features(refs, [list_class_split(class_data / "val")], **args)
-    assert len(list(cache.root.iterdir())) == 6
+    now = set(cache.root.iterdir())
+    assert len(now) == 4 and {p for p in stamps if "-train-" in p.name} <= now
+    assert not {p for p in stamps if "-val-" in p.name} & now
 
 
 def test_extract_features__unreadable_images_are_flagged_not_fatal(tmp_path, class_data, teacher_weights):
@@ -265,3 +268,51 @@ def test_run_jobs__models_resuming_at_different_images_share_one_pass(tmp_path, 
     both = _extract(refs, [split], tmp_path / "cache", chunk_bytes=4096, batch_size=5)["train"]
     for ref in refs:
         torch.testing.assert_close(both[ref.name]["summary"], plain[ref.name], rtol=0, atol=0)
+
+
+def test_remove_superseded__only_complete_entries_of_the_same_slot_go(tmp_path, class_data, teacher_weights):
+    from unic_cli.probe.features import FeatureStore
+
+    weights = shutil.copy(teacher_weights["test_vit"], tmp_path / "w.safetensors")  # touched below
+    split = list_class_split(class_data / "val")
+    cache_dir = tmp_path / "cache"
+    model = f"timm:test_vit?image_size=32&weights={weights}"
+    kept = [_extract([resolve_model(f"timm:test_vit?image_size=48&weights={weights}")], [split], cache_dir),  # size
+            _extract([resolve_model(model, pretrained=False, seed=3)], [split], cache_dir)]  # a random-init seed
+    other = list_class_split(shutil.copytree(class_data, tmp_path / "other") / "val")
+    kept.append(_extract([resolve_model(model)], [other], cache_dir))  # another dataset, same split name
+    old = _extract([resolve_model(model)], [split], cache_dir)["val"][model].store.folder
+    stale_v1 = old.with_name(old.name.rsplit("-", 1)[0] + "-0123abcd.safetensors")
+    stale_v1.write_bytes(b"an entry of feature version 1")
+    unfinished = FeatureStore(old.with_name(old.name.rsplit("-", 1)[0] + "-feedbeef"))
+    unfinished.write_chunk(0, {"summary": torch.zeros(2, 4), "ok": torch.ones(2, dtype=torch.bool)}, "test")
+    before = set(cache_dir.iterdir())
+    time.sleep(0.01)
+    weights.touch()  # new weights (mtime): a new key for the same model, split, kind, size and seed
+    new = _extract([resolve_model(model)], [split], cache_dir)["val"][model].store.folder
+    assert set(cache_dir.iterdir()) == (before - {old, stale_v1}) | {new}
+    assert unfinished.folder.is_dir() and all(f["val"] for f in kept)
+
+
+def test_read_target__16_bit_png_depth_is_scaled_and_8_bit_png_depth_is_refused(tmp_path, dense_data):
+    import numpy as np
+    from PIL import Image
+
+    from unic_cli.probe.features import load_targets, read_target
+
+    millimetres = np.array([[0, 1000, 2500], [65535, 10, 1]], dtype=np.uint16)
+    Image.fromarray(millimetres).save(tmp_path / "d16.png")  # PIL mode I;16, as depth datasets ship it
+    assert Image.open(tmp_path / "d16.png").mode == "I;16"
+    depth = read_target(tmp_path / "d16.png", "depth", depth_scale=1000.0)
+    assert depth.dtype == np.float32 and depth.ravel().tolist() == pytest.approx([0, 1, 2.5, 65.535, 0.01, 0.001])
+    for mode in ("L", "P"):  # 8-bit grey and palette PNGs
+        Image.fromarray(np.array([[0, 128], [255, 3]], dtype=np.uint8)).convert(mode).save(tmp_path / f"{mode}.png")
+        with pytest.raises(DataError, match=rf"is a 8-bit PNG \(mode {mode}\).*at most 0.255 m.*16-bit PNG"):
+            read_target(tmp_path / f"{mode}.png", "depth", depth_scale=1000.0)
+        assert read_target(tmp_path / f"{mode}.png", "mask").tolist() == [[0, 128], [255, 3]]  # masks: 8-bit is right
+    # a split whose later files are 8-bit: one error in this process naming them, before any loader worker
+    split = list_dense_split(dense_data / "train", "depth")
+    for name in ("003.png", "005.png"):
+        Image.fromarray(np.full((36, 48), 20, dtype=np.uint8)).save(dense_data / "train" / "depth" / name)
+    with pytest.raises(DataError, match=r"003\.png' is a 8-bit PNG.*\(2 of 6 files, e\.g\. 003\.png, 005\.png\)"):
+        load_targets(split, "depth", cache=FeatureCache(tmp_path / "cache"), depth_scale=1000.0, num_workers=0)

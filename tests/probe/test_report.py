@@ -80,3 +80,25 @@ def test_merge__a_task_key_on_another_split_drops_the_other_models_results(caplo
     assert "p/probe.json: knn/x now measures /d/x (test/), not /d/x (val/); dropped the old results of t" in caplog.text
     caplog.clear()
     assert rep.merge(merged, new)["results"] == merged["results"] and not caplog.text  # same data: nothing dropped
+
+
+def test_relative_scores__an_undefined_gain_is_left_out_and_shown_as_n_a():
+    # the only teacher scores 0: no percentage exists for the student (it used to show "+0.0%")
+    report = _report({"s": {"knn/x": {"top1_k20": 0.4}, "depth/y": {"rmse": 0.0}},
+                      "t": {"knn/x": {"top1_k20": 0.0}, "depth/y": {"rmse": 0.5}},
+                      "u": {"knn/x": {"top1_k20": 0.0}, "depth/y": {"rmse": 0.5}}},
+                     {"s": "student", "t": "teacher", "u": "teacher"})
+    rel = rep.relative_scores(report)
+    assert rel["knn/x"] == {"t": 0.0, "u": 0.0}  # equal to the reference: a gain of 0 is exact
+    assert rel["depth/y"] == {"t": 0.0, "u": 0.0}  # an RMSE of 0 over a positive reference: no finite ratio
+    markdown = rep.render_markdown(report)
+    assert "| s | student | 0.4000 | n/a |" in markdown and "| s | student | 0.0000 | n/a |" in markdown
+    assert "| t | teacher | 0.0000 | +0.0% |" in markdown
+
+
+def test_relative_gain__direction_of_better():
+    assert rep.relative_gain(0.9, 0.8, higher_is_better=True) == pytest.approx(12.5)
+    assert rep.relative_gain(0.5, 0.4, higher_is_better=False) == pytest.approx(-20.0)  # a larger RMSE is worse
+    assert rep.relative_gain(0.4, 0.5, higher_is_better=False) == pytest.approx(25.0)
+    assert rep.relative_gain(0.3, 0.0, higher_is_better=True) is None
+    assert rep.relative_gain(0.0, 0.0, higher_is_better=True) == 0.0

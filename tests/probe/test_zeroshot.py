@@ -74,3 +74,29 @@ def test_run_probe__random_init_zeroshot_of_a_student_is_refused(tmp_path, class
                                          r"CLIP space only through its trained encoder and head"):
         run_probe(config)
     assert not (tmp_path / "out" / "probe.json").exists()
+
+
+def test_run_zeroshot_probe__warns_about_wordnet_ids_and_clashing_names(caplog):
+    from unic_cli.probe.zeroshot import warn_about_class_names
+
+    caplog.set_level("WARNING", logger="unic_cli")
+    warn_about_class_names(["n01440764", "n01443537", "goldfish"])
+    assert "2 of 3 look like WordNet ids (n01440764, n01443537)" in caplog.text
+    caplog.clear()
+    warn_about_class_names(["red_panda", "red-panda", "cat"])
+    assert "['red_panda', 'red-panda'] read as the same words" in caplog.text
+    caplog.clear()
+    warn_about_class_names(["airplane", "golden_retriever"])
+    assert not caplog.text
+
+
+def test_run_zeroshot_probe__logit_scale_and_unnormalised_image_embeddings_do_not_change_the_ranking(tiny_clip):
+    space = clip_space_of(load_teacher(tiny_clip), tiny_clip)
+    classes = ["cat", "dog", "ship", "truck", "frog", "horse"]
+    text_CE = text_classifier(space, classes)
+    gen = torch.Generator().manual_seed(0)
+    summary_MD = torch.randn(40, text_CE.shape[1], generator=gen)
+    labels = (summary_MD @ text_CE.T).argmax(dim=1)  # the reference: raw dot products, no scale, no norm
+    for scale in (1.0, 100.0):
+        scaled = ClipSpace("scaled", space.encode_text, lambda s, scale=scale: scale * s)
+        assert run_zeroshot_probe(summary_MD, labels, space=scaled, classes=classes)["top1"] == 1.0

@@ -152,7 +152,8 @@ def _zeroshot_inputs(ref: ModelRef, eval_split: Split, eval_feats: dict[str, tor
         def fn(images_BCHW):
             return {"summary": head(images_BCHW).summary_BD.float()}
 
-        job = Job(ref.name, ref.image_size, path, fn, {"model": ref.name, "kind": kind})
+        meta = {"model": ref.name, "identity": ref.identity, "split": str(eval_split.root), "kind": kind}
+        job = Job(ref.name, ref.image_size, path, fn, meta)
         cached = run_jobs([job], eval_split, stretch=False, batch_size=config.batch_size,
                           num_workers=config.num_workers, device=device, progress=progress)[ref.name]
     return space, cached["summary"], cached["ok"]
@@ -307,7 +308,12 @@ def _dense(config: ProbeConfig, task: str, refs: list[ModelRef], train: Split, e
 def _task_info(config: ProbeConfig, task: str, evaluation: Split) -> dict[str, Any]:
     primary, higher = report_lib.PRIMARY[task]
     return {"task": task, "data": str(config.data_dir.resolve()), "split": evaluation.name,
-            "primary": primary.format(k=max(config.knn_ks)), "higher_is_better": higher}
+            "primary": primary.format(k=knn_primary_k(config.knn_ks)), "higher_is_better": higher}
+
+
+def knn_primary_k(ks: tuple[int, ...]) -> int:
+    """The k of the k-NN primary metric: 20, the k that DINO and DINOv2 report, when probed; else the largest."""
+    return 20 if 20 in ks else max(ks)
 
 
 def _write(config: ProbeConfig, new: dict[str, Any]) -> tuple[dict[str, Any], list[Path]]:

@@ -127,22 +127,39 @@ def run_seg_probe(
 
     head = _train_head(head, train_MND, train_masks_MHW, loss_fn, num_steps=num_steps, batch_size=batch_size,
                        lr=lr, weight_decay=weight_decay, seed=seed, device=device)
-    confusion_KK = torch.zeros(num_classes * num_classes, device=device, dtype=torch.long)
+    confusion_KK = torch.zeros(num_classes, num_classes, device=device, dtype=torch.long)
     size = tuple(test_masks_MHW.shape[-2:])
     with torch.no_grad():
         for start in range(0, test_MND.shape[0], batch_size):
             pred_BHW = head(_rows(test_MND, slice(start, start + batch_size), device), size).argmax(dim=1)
-            true_BHW = test_masks_MHW[start : start + batch_size].to(device).long()
-            valid = (true_BHW != ignore_index) & (true_BHW >= 0) & (true_BHW < num_classes)
-            confusion_KK += torch.bincount(true_BHW[valid] * num_classes + pred_BHW[valid],
-                                           minlength=num_classes * num_classes)
-    confusion_KK = confusion_KK.view(num_classes, num_classes).double().cpu()  # rows: truth, columns: prediction
+            true_BHW = test_masks_MHW[start : start + batch_size].to(device)
+            confusion_KK += seg_confusion(pred_BHW, true_BHW, num_classes=num_classes, ignore_index=ignore_index)
+    return {**seg_scores(confusion_KK), "num_classes": num_classes}
+
+
+def seg_confusion(pred_BHW: torch.Tensor, true_BHW: torch.Tensor, *, num_classes: int, ignore_index: int
+                  ) -> torch.Tensor:
+    """[K, K] pixel counts, rows the true class, columns the predicted one; `ignore_index` pixels (and labels
+    outside 0..K-1) are left out."""
+    true_BHW = true_BHW.long()
+    valid = (true_BHW != ignore_index) & (true_BHW >= 0) & (true_BHW < num_classes)
+    flat = torch.bincount(true_BHW[valid] * num_classes + pred_BHW[valid].long(), minlength=num_classes**2)
+    return flat.view(num_classes, num_classes)
+
+
+def seg_scores(confusion_KK: torch.Tensor) -> dict[str, float]:
+    """mIoU and pixel accuracy of a confusion matrix, as mmsegmentation computes them.
+
+    IoU = TP / (TP + FP + FN) per class, averaged over the classes present in the ground truth or the
+    predictions: a class absent from both (0 / 0) is left out, a class only predicted counts with IoU 0.
+    """
+    confusion_KK = confusion_KK.double().cpu()
     tp_K = confusion_KK.diag()
     union_K = confusion_KK.sum(0) + confusion_KK.sum(1) - tp_K
     present_K = union_K > 0
     iou_K = tp_K[present_K] / union_K[present_K]
-    return {"miou": float(iou_K.mean()), "pixel_acc": float(tp_K.sum() / confusion_KK.sum().clamp_min(1)),
-            "num_classes": num_classes}
+    return {"miou": float(iou_K.mean()) if bool(present_K.any()) else float("nan"),
+            "pixel_acc": float(tp_K.sum() / confusion_KK.sum()) if bool(confusion_KK.sum() > 0) else float("nan")}
 
 
 def run_depth_probe(
@@ -165,7 +182,8 @@ def run_depth_probe(
     Pixels with depth <= 0 (or non-finite) are invalid and ignored. With bins, the prediction is the
     softmax-weighted mean of the bin centres (uniform between the training minimum and maximum), as in the
     linear depth probes of DINOv2. Returns RMSE, abs_rel and delta1 (share of pixels with
-    max(pred/true, true/pred) < 1.25), pooled over every valid test pixel.
+    max(pred/true, true/pred) < 1.25), each computed per test image over its valid pixels and averaged over
+    the images (`depth_errors`); NaN when no test image has a valid pixel.
     """
     device = _device_of(train_MND, device)
     train_depth_MHW = train_depth_MHW.to(device).float()
@@ -193,18 +211,34 @@ def run_depth_probe(
 
     head = _train_head(head, train_MND, train_depth_MHW, loss_fn, num_steps=num_steps, batch_size=batch_size,
                        lr=lr, weight_decay=weight_decay, seed=seed, device=device)
-    sq_err = abs_rel = delta1 = count = torch.zeros((), device=device, dtype=torch.float64)
+    sums_3 = torch.zeros(3, device=device, dtype=torch.float64)
+    num_scored = torch.zeros((), device=device, dtype=torch.long)
     size = tuple(test_depth_MHW.shape[-2:])
     with torch.no_grad():
         for start in range(0, test_MND.shape[0], batch_size):
             pred_BHW = predict(head(_rows(test_MND, slice(start, start + batch_size), device), size)).clamp(low, high)
-            true_BHW = test_depth_MHW[start : start + batch_size].to(device).float()
-            valid = torch.isfinite(true_BHW) & (true_BHW > 0)
-            p, t = pred_BHW[valid].double(), true_BHW[valid].double()
-            sq_err = sq_err + (p - t).square().sum()
-            abs_rel = abs_rel + ((p - t).abs() / t).sum()
-            delta1 = delta1 + (torch.maximum(p / t, t / p) < 1.25).sum()
-            count = count + t.numel()
-    count = count.clamp_min(1)
-    return {"rmse": float((sq_err / count).sqrt()), "abs_rel": float(abs_rel / count),
-            "delta1": float(delta1 / count), "head": mode}
+            errors_B3, scored_B = depth_errors(pred_BHW, test_depth_MHW[start : start + batch_size].to(device))
+            sums_3 += (errors_B3 * scored_B[:, None]).sum(dim=0)
+            num_scored += scored_B.sum()
+    rmse, abs_rel, delta1 = (sums_3 / num_scored).tolist() if int(num_scored) else [float("nan")] * 3
+    return {"rmse": rmse, "abs_rel": abs_rel, "delta1": delta1, "head": mode}
+
+
+def depth_errors(pred_BHW: torch.Tensor, true_BHW: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per image (rmse, abs_rel, delta1) over its valid pixels (finite true depth > 0) -> ([B, 3], scored [B]).
+
+    The metrics of Eigen et al. (2014) as the depth toolboxes compute them (BTS, AdaBins, DINOv2's depth
+    evaluation): each image's RMSE, mean |pred - true| / true and share of max(pred/true, true/pred) < 1.25,
+    then averaged over the images; an image without a valid pixel is not scored. No median or least-squares
+    scale alignment: the probe predicts metric depth.
+    """
+    true_BHW = true_BHW.double()
+    valid_BHW = torch.isfinite(true_BHW) & (true_BHW > 0)
+    t_BHW = torch.where(valid_BHW, true_BHW, torch.ones_like(true_BHW))  # placeholders: masked out below
+    p_BHW = torch.where(valid_BHW, pred_BHW.double(), torch.ones_like(true_BHW))
+    count_B = valid_BHW.sum(dim=(1, 2))
+    denom_B = count_B.clamp_min(1)
+    rmse_B = ((p_BHW - t_BHW).square() * valid_BHW).sum(dim=(1, 2)).div(denom_B).sqrt()
+    abs_rel_B = ((p_BHW - t_BHW).abs() / t_BHW * valid_BHW).sum(dim=(1, 2)) / denom_B
+    delta1_B = ((torch.maximum(p_BHW / t_BHW, t_BHW / p_BHW) < 1.25) & valid_BHW).sum(dim=(1, 2)).double() / denom_B
+    return torch.stack([rmse_B, abs_rel_B, delta1_B], dim=1), count_B > 0

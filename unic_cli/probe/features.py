@@ -216,8 +216,43 @@ def _uint8_chw(image: Image.Image) -> torch.Tensor:
     return torch.from_numpy(np.array(image, dtype=np.uint8, copy=True)).permute(2, 0, 1).contiguous()
 
 
+# PIL modes of a PNG that holds 16 bits per pixel: the only PNG depth maps `value / depth_scale` makes sense for
+_DEPTH_PNG_MODES = ("I;16", "I;16B", "I;16L", "I;16N", "I")
+
+
+def _low_bit_depth(path: Path, mode: str, depth_scale: float) -> str:
+    """Why an 8-bit (or 1-bit) PNG depth map is refused, and the fix."""
+    return (f"{str(path)!r} is a {'1' if mode == '1' else '8'}-bit PNG (mode {mode}); depth maps must be 16-bit "
+            f"PNG or .npy: at --depth-scale {depth_scale:g} an 8-bit value of at most 255 would mean at most "
+            f"{255 / depth_scale:.4g} m, and 8-bit depth has no common unit (some datasets store 255 = 10 m, "
+            "others disparity). Save each map as a 16-bit PNG (value / --depth-scale = metres) or as .npy in metres")
+
+
+def check_depth_files(targets: Sequence[Path], *, depth_scale: float) -> None:
+    """Refuse 8-bit PNG depth maps before any is decoded (PIL reads only the header here)."""
+    low = []
+    for path in targets:
+        if path.suffix.lower() != ".png":
+            continue
+        try:
+            with Image.open(path) as image:
+                mode = image.mode
+        except OSError:
+            continue  # reported with the file name when it is read
+        if mode not in _DEPTH_PNG_MODES:
+            low.append((path, mode))
+    if low:
+        path, mode = low[0]
+        more = f" ({len(low)} of {len(targets)} files, e.g. {_few([p.name for p, _ in low])})" if len(low) > 1 else ""
+        raise DataError(_low_bit_depth(path, mode, depth_scale) + more)
+
+
 def read_target(path: Path, kind: Literal["mask", "depth"], *, depth_scale: float = 1000.0) -> np.ndarray:
-    """A mask (index PNG -> int64 [H, W]) or a depth map (16-bit PNG / depth_scale, or .npy as is -> float32)."""
+    """A mask (index PNG -> int64 [H, W]) or a depth map (16-bit PNG / depth_scale, or .npy as is -> float32).
+
+    An 8-bit PNG depth map is refused (DataError): dividing its 0-255 values by a scale meant for 16-bit
+    millimetres gives depths under 0.26 m, a silent unit error.
+    """
     if path.suffix.lower() == ".npy":
         try:
             array = np.load(path).astype(np.float32).squeeze()
@@ -226,9 +261,12 @@ def read_target(path: Path, kind: Literal["mask", "depth"], *, depth_scale: floa
     else:
         try:
             with Image.open(path) as image:
+                mode = image.mode
                 array = np.asarray(image)
         except OSError as err:
             raise DataError(f"cannot read {kind} {str(path)!r}: {err}") from None
+        if kind == "depth" and mode not in _DEPTH_PNG_MODES and array.ndim == 2:
+            raise DataError(_low_bit_depth(path, mode, depth_scale))
         if kind == "depth":
             array = array.astype(np.float32) / depth_scale
     if array.ndim != 2:
@@ -766,8 +804,9 @@ class FeatureCache:
         return self.root / f"{_slug(ref.name)}-{split.name}-{_slug(kind)}-{key}"
 
     def target_path(self, split: Split, kind: str, size: tuple[int, int], depth_scale: float) -> Path:
-        key = _digest({"v": FEATURE_VERSION, "data": split.fingerprint, "kind": kind, "size": size,
-                       "scale": depth_scale if kind == "depth" else None})
+        # "png8": depth targets cached before 8-bit PNGs were refused may hold such maps: read them again
+        extra = {"scale": depth_scale, "png8": "refused"} if kind == "depth" else {"scale": None}
+        key = _digest({"v": FEATURE_VERSION, "data": split.fingerprint, "kind": kind, "size": size, **extra})
         return self.root / f"targets-{split.name}-{kind}-{key}.safetensors"
 
     @staticmethod
@@ -805,6 +844,54 @@ class FeatureCache:
 
         data = save({k: v.contiguous() for k, v in tensors.items()}, metadata={"meta": json.dumps(meta, default=str)})
         _write_atomic(path, data, "targets")
+
+
+def _slot(meta: dict) -> tuple | None:
+    """What a cache entry stands for apart from its key: (model name, split folder, feature kind, input size,
+    pretrained, seed); None when its metadata does not say (such an entry is never removed)."""
+    try:
+        identity = meta["identity"]
+        size = identity["image_size"] if "image_size" in identity else identity["card"]["image_size"]
+        return (meta["model"], meta["split"], meta["kind"], size, identity["pretrained"], identity.get("seed"))
+    except (KeyError, TypeError):
+        return None
+
+
+def remove_superseded(path: Path, meta: dict) -> list[Path]:
+    """Delete the cache entries that the complete entry `path` replaces; returns what was deleted.
+
+    A complete entry with the same slot (`_slot`: model name, split folder, kind, resolution, random-init seed)
+    but another key was extracted from other weights (a re-exported student, an updated card), another file
+    list of the dataset, or by an older feature version: its key can never match again, so it only takes disk
+    space. Entries of other models, datasets, resolutions or seeds are kept, and so are unfinished entries (no
+    complete.json: possibly another process extracting now). Single-file entries of feature version 1 with the
+    same name prefix are never read by this version and are deleted too.
+    """
+    slot = _slot(meta)
+    prefix = path.name.rsplit("-", 1)[0]
+    if slot is None or not path.parent.is_dir():
+        return []
+    removed = []
+    for other in sorted(path.parent.iterdir()):
+        if other == path or other.name.rsplit("-", 1)[0] != prefix:
+            continue
+        if other.is_file() and other.suffix == ".safetensors":  # feature version 1
+            other.unlink(missing_ok=True)
+            removed.append(other)
+            continue
+        try:
+            other_meta = json.loads((other / _COMPLETE).read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            continue
+        if isinstance(other_meta, dict) and _slot(other_meta) == slot:
+            # readers that mapped its chunks keep them (POSIX); a failed delete only leaves the space used
+            shutil.rmtree(other, ignore_errors=True)
+            removed.append(other)
+    if removed:
+        log.info("removed %d superseded cache entr%s of %s (%s/, %s): %s", len(removed),
+                 "y" if len(removed) == 1 else "ies", meta["model"], Path(meta["split"]).name, meta["kind"],
+                 ", ".join(p.name for p in removed))
+    return removed
 
 
 @dataclass
@@ -921,6 +1008,7 @@ def run_jobs(jobs: Sequence[Job], split: Split, *, stretch: bool, batch_size: in
         writers[job.name].flush()
         store = writers[job.name].store
         store.finish(total, job.meta)
+        remove_superseded(job.path, job.meta)  # only now: a failed pass never costs the old entry
         out[job.name] = Features(store)
     ok = out[jobs[0].name]["ok"]
     if not ok.all():
@@ -998,6 +1086,8 @@ def load_targets(split: Split, kind: Literal["mask", "depth"], *, cache: Feature
     cached = cache.load(path)
     if cached is not None:
         return cached["targets"]
+    if kind == "depth":  # in this process: one clear error naming the files, not one from a loader worker
+        check_depth_files(split.targets, depth_scale=depth_scale)
     loader = torch.utils.data.DataLoader(_TargetDataset(split.targets, kind, size, depth_scale), batch_size=32,
                                          num_workers=num_workers)
     chunks, done = [], 0

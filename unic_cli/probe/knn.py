@@ -32,7 +32,9 @@ def run_knn_probe(
     """Top-1 (and top-5 when there are more than 5 classes) accuracy for each k.
 
     Each test sample votes over its k most cosine-similar training samples, each vote weighted by
-    exp(similarity / temperature), as in DINO (Caron et al. 2021, eval_knn.py).
+    exp(similarity / temperature), as in DINO (Caron et al. 2021, eval_knn.py). Top-5 counts only classes that
+    got a vote (DINO's top-5 also counts zero-vote classes that its sort happens to put in the first five).
+    Exact similarity ties at the k-th neighbour, and exact vote ties, are broken arbitrarily, as in DINO.
 
     The training features may stay on the host (ImageNet with a ViT-G: 7.4 GiB): they go to `device` (default:
     their own) `train_chunk_size` rows at a time, each chunk's k nearest are merged into a running top-k, and
@@ -64,14 +66,19 @@ def run_knn_probe(
     correct1 = {k: torch.zeros((), device=device) for k in ks}
     correct5 = {k: torch.zeros((), device=device) for k in ks}
     for start in range(0, num_test, chunk_size):  # votes per test chunk: [M, K, C] one-hots stay small
-        weight_MK = (top_sim_MK[start : start + chunk_size] / temperature).exp()
+        sim_MK = top_sim_MK[start : start + chunk_size]
+        # exp((sim - nearest) / T): DINO's exp(sim / T) times a per-row constant, so the same ranking of classes,
+        # but it cannot overflow (exp(1 / 0.01) is inf in float32, and inf * 0 in the one-hot product is NaN)
+        weight_MK = ((sim_MK - sim_MK[:, :1]) / temperature).exp()
         onehot_MKC = F.one_hot(train_labels_N[top_idx_MK[start : start + chunk_size]], num_classes).float()
         labels_M = test_labels_M[start : start + chunk_size]
         for k in ks:
             kk = min(k, max_k)
             votes_MC = (onehot_MKC[:, :kk] * weight_MK[:, :kk, None]).sum(dim=1)
-            ranked_MC = votes_MC.topk(min(5, num_classes), dim=1).indices
-            hits_MC = ranked_MC == labels_M[:, None]
+            top_votes_MC, ranked_MC = votes_MC.topk(min(5, num_classes), dim=1)
+            # a class no neighbour voted for is no guess: with fewer than 5 classes among the k neighbours,
+            # topk would fill the top-5 with arbitrary zero-vote classes and inflate top-5 (k < 5 always)
+            hits_MC = (ranked_MC == labels_M[:, None]) & (top_votes_MC > 0)
             correct1[k] += hits_MC[:, 0].sum()
             correct5[k] += hits_MC.any(dim=1).sum()
     metrics = {}

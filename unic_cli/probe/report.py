@@ -153,10 +153,23 @@ def best_reference(report: dict[str, Any]) -> dict[str, tuple[str, float, str]]:
     return out
 
 
+def relative_gain(value: float, best: float, *, higher_is_better: bool) -> float | None:
+    """The gain (%) of `value` over the reference `best`; positive always means better.
+
+    value / best - 1 when higher is better, best / value - 1 when lower is better (depth RMSE). None when the
+    ratio is undefined (a reference of 0 for accuracy, or a score of 0 for RMSE) and the scores differ: no
+    percentage is honest there, so the tables print "n/a". A score equal to the reference gains 0.
+    """
+    if value == best:
+        return 0.0
+    num, den = (value, best) if higher_is_better else (best, value)
+    return 100.0 * (num / den - 1.0) if den > 0 else None
+
+
 def relative_scores(report: dict[str, Any]) -> dict[str, dict[str, float]]:
     """task key -> model -> relative gain (%) over the best teacher on that task (best model without teachers).
 
-    For a lower-is-better metric (depth RMSE) the gain is best / score - 1, so positive always means better.
+    See `relative_gain`; a model with a score but an undefined gain is left out (no gain is shown for it).
     """
     out = {}
     for task_key, (_, best, _) in best_reference(report).items():
@@ -165,10 +178,8 @@ def relative_scores(report: dict[str, Any]) -> dict[str, dict[str, float]]:
         for model in report["results"]:
             if (value := score(report, model, task_key)) is None:
                 continue
-            if higher:
-                rel[model] = 100.0 * (value / best - 1.0) if best > 0 else 0.0
-            else:
-                rel[model] = 100.0 * (best / value - 1.0) if value > 0 else 0.0
+            if (gain := relative_gain(value, best, higher_is_better=higher)) is not None:
+                rel[model] = gain
         out[task_key] = rel
     return out
 
@@ -194,7 +205,8 @@ def render_markdown(report: dict[str, Any]) -> str:
     """probe.md: one table per task, plus each model's gain over the best teacher."""
     relative, best = relative_scores(report), best_reference(report)
     lines = ["# unic probe", "", "Gain: the primary metric relative to the best teacher on that task (to the best "
-             "model when no teacher was probed); positive means better.", ""]
+             "model when no teacher was probed); positive means better; n/a where the best scores 0 (or a model "
+             "scores an RMSE of 0), since no percentage is defined there.", ""]
     for task_key, info in report["tasks"].items():
         columns = metric_columns(report, task_key)
         lines += [f"## {task_key}", "", f"`{info['data']}`, evaluated on {info['split']}/; primary metric "
@@ -210,7 +222,11 @@ def render_markdown(report: dict[str, Any]) -> str:
             kind = report["models"].get(model, {}).get("kind", "teacher")
             cells = [_fmt(tasks[task_key].get(c, "")) for c in columns]
             gain = relative.get(task_key, {}).get(model)
-            lines.append(f"| {model} | {kind} | " + " | ".join(cells) + f" | {'' if gain is None else f'{gain:+.1f}%'} |")
+            if gain is not None:
+                shown = f"{gain:+.1f}%"
+            else:  # a score whose gain is undefined (reference 0): say so instead of a made-up +0.0%
+                shown = "n/a" if score(report, model, task_key) is not None and task_key in best else ""
+            lines.append(f"| {model} | {kind} | " + " | ".join(cells) + f" | {shown} |")
         lines.append("")
     return "\n".join(lines)
 

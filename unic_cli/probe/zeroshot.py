@@ -10,6 +10,7 @@ images into that teacher's summary space with the head, then through the teacher
 from __future__ import annotations
 
 import logging
+import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -64,6 +65,20 @@ def class_prompt_names(classes: Sequence[str]) -> list[str]:
     return [c.replace("_", " ").replace("-", " ").strip() for c in classes]
 
 
+def warn_about_class_names(classes: Sequence[str]) -> None:
+    """Log a warning when folder names cannot work as prompts: WordNet ids (ImageNet's `n01440764` folders)
+    mean nothing to a text tower, and two folders that give the same words get the same text embedding."""
+    wnids = [c for c in classes if re.fullmatch(r"n\d{8}", c)]
+    if wnids:
+        log.warning("zero-shot prompts use the class folder names, and %d of %d look like WordNet ids (%s): the "
+                    "text tower reads them as meaningless tokens and the score is near chance; rename the folders "
+                    "to class names (e.g. n01440764 -> tench)", len(wnids), len(classes), ", ".join(wnids[:3]))
+    names = class_prompt_names(classes)
+    if clashes := sorted({n for n in names if names.count(n) > 1}):
+        log.warning("zero-shot: class folders %s read as the same words, so their prompts cannot tell them apart",
+                    [c for c, n in zip(classes, names) if n in clashes])
+
+
 @torch.no_grad()
 def text_classifier(space: ClipSpace, classes: Sequence[str], templates: Sequence[str] = TEMPLATES) -> torch.Tensor:
     """[C, E]: per class, the renormalised mean of its prompts' text embeddings (CLIP's prompt ensemble)."""
@@ -83,7 +98,12 @@ def run_zeroshot_probe(
     templates: Sequence[str] = TEMPLATES,
     batch_size: int = 1024,
 ) -> dict[str, float]:
-    """Top-1 (and top-5 with more than 5 classes) of cosine similarity to the class text embeddings."""
+    """Top-1 (and top-5 with more than 5 classes) of cosine similarity to the class text embeddings.
+
+    No logit scale is applied: CLIP's scale multiplies every similarity by one positive number, which leaves
+    the ranking (top-1, top-5) unchanged.
+    """
+    warn_about_class_names(classes)
     text_CE = text_classifier(space, classes, templates)
     labels_M = labels_M.to(text_CE.device)
     k = min(5, len(classes))
