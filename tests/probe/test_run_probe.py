@@ -255,3 +255,20 @@ def test_run_probe__saved_config_reruns_from_another_folder(tmp_path, class_data
     monkeypatch.chdir(tmp_path)
     again = ProbeConfig.from_sources(tmp_path / "out" / "config.toml", {})
     assert again.data_dir == class_data.resolve() and run_probe(again).merged["results"]
+
+
+def test_run_probe__validates_a_directly_built_config_and_keeps_the_callers_rng(tmp_path, class_data,
+                                                                                 teacher_weights):
+    import torch
+
+    from unic_cli.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="knnn"):
+        run_probe(ProbeConfig(models=(_teachers(teacher_weights)[1],), tasks=("knnn",), data_dir=class_data,
+                              out_dir=tmp_path / "bad"))
+    torch.manual_seed(123)
+    expected = torch.rand(3)
+    torch.manual_seed(123)
+    run_probe(ProbeConfig.from_sources(None, {**FAST, "models": (_teachers(teacher_weights)[1],), "tasks": ("knn",),
+                                              "data_dir": class_data, "out_dir": tmp_path / "out"}))
+    assert torch.equal(torch.rand(3), expected)  # the probe's seeding did not move the caller's stream

@@ -331,15 +331,21 @@ def run_probe(config: ProbeConfig, *, progress: ProgressFn | None = None) -> Pro
     """Probe every model of `config` on every task, write OUT/probe.{json,md,png} (and RUN/probe.json).
 
     Args:
-        config: a validated ProbeConfig.
+        config: the probe's settings (validated here too: a config built directly is checked before any data or
+            weights load). Seeding happens in a fork of torch's random streams: the caller's come back unchanged.
         progress: called as (label, done, total) while features are extracted; the CLI draws a progress bar.
 
     Example:
         >>> run_probe(ProbeConfig.from_sources(None, {"models": ("students/a", "dinov2_g"), "tasks": ("knn",),
         ...                                           "data_dir": "data/pets"}))
     """
-    progress = progress or (lambda label, done, total: None)
+    config.validate()
     device = str(resolve_device(config.device))
+    with torch.random.fork_rng(devices=[device] if device.startswith("cuda") else []):
+        return _run_probe(config, device, progress or (lambda label, done, total: None))
+
+
+def _run_probe(config: ProbeConfig, device: str, progress: ProgressFn) -> ProbeOutcome:
     tasks = list(dict.fromkeys(config.tasks))
     classification = [t for t in tasks if t in ("knn", "linear", "zeroshot")]
     dense = [t for t in tasks if t in ("seg", "depth")]
