@@ -194,7 +194,11 @@ def _fused_heads(mlps: dict[int, list[ProjectorMlp]], xs: Sequence[torch.Tensor]
         per_teacher = h_GMH.view(G, M, T, width).permute(2, 1, 0, 3).reshape(T, M, G * width).unbind(0)
         for k, i in enumerate(teachers):
             w_EK = torch.cat([mlps[i][j].fc2.weight for j in js], dim=1)
-            b_E = torch.stack([mlps[i][j].fc2.bias for j in js]).sum(dim=0)
+            # Not stack(...).sum(0): its backward gives every bias the same expanded (stride-0) gradient, which
+            # autograd keeps as each bias's .grad without a copy; the G biases' .grad then alias one buffer, and
+            # gradient accumulation (or clip_grad_norm_'s in-place scaling) hits it G times. The reshape in this
+            # backward copies, so each bias gets its own slice.
+            b_E = torch.cat([mlps[i][j].fc2.bias for j in js]).view(G, -1).sum(dim=0)
             y = F.linear(per_teacher[k], w_EK, b_E)
             out[i] = y if i not in out else out[i] + y
     return {i: y.reshape(*lead, -1) for i, y in out.items()}

@@ -56,19 +56,22 @@ def teacher_losses(preds: Sequence[dict[str, torch.Tensor]], targets: Sequence[d
 
 
 def teacher_drop_coefficients(loss_TB: torch.Tensor, drop_prob: float, generator: torch.Generator | None, *,
-                              global_batch: int | None = None, offset: int = 0) -> torch.Tensor:
+                              global_batch: int | None = None, offset: int = 0,
+                              draws_TG: torch.Tensor | None = None) -> torch.Tensor:
     """Eq. 4's binary coefficients alpha_TB: the max-loss teacher of each image is kept, others kept w.p. 1 - p.
 
     Vectorised over images and teachers, no host sync; randomness comes only from `generator` (which must live
     on the loss's device), so a resumed run redraws exactly the same coefficients. Data-parallel processes
     share one generator state, draw for the whole `global_batch` and keep their own columns from `offset`: N
     processes then drop exactly what one process with an N-times larger batch drops, and a run resumes onto any
-    number of processes.
+    number of processes. `draws_TG`: uniform draws made earlier for a larger batch (the training step draws once
+    per optimiser step for all its micro-batches), used from `offset` instead of drawing from `generator`.
     """
     if drop_prob <= 0.0:
         return torch.ones_like(loss_TB)
     T, B = loss_TB.shape
-    draws_TG = torch.rand((T, max(global_batch or B, offset + B)), generator=generator, device=loss_TB.device)
+    if draws_TG is None:
+        draws_TG = torch.rand((T, max(global_batch or B, offset + B)), generator=generator, device=loss_TB.device)
     keep_TB = draws_TG[:, offset:offset + B] >= drop_prob
     hardest_1B = loss_TB.detach().argmax(dim=0, keepdim=True)
     keep_TB.scatter_(0, hardest_1B, True)

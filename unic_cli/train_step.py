@@ -134,12 +134,20 @@ def forward_backward(tr: Trainer, batches, momentum: float, timer,
     loss_sum = metrics_sum_TM = coeff_sum_T = 0.0
     num_images = num_skipped = 0
     cuda_graphs = config.compile and config.compile_mode in CUDA_GRAPH_MODES
+    micro_images, own_offset = config.batch_size * dist.world_size, config.batch_size * dist.rank
+    draws_TG = None
     for micro in range(accum):
         if cuda_graphs:  # the previous micro-batch's graph outputs are consumed: their memory may be reused
             torch.compiler.cudagraph_mark_step_begin()
         batch = next(batches)
         num_skipped += batch.num_skipped
         num_images += len(batch.images_BCHW)
+        if micro == 0 and config.teacher_drop_prob > 0:  # after the first batch: a data error draws nothing
+            # One draw for every image of the optimiser step (all micro-batches, all processes); micro-batch m of
+            # rank r keeps the columns of its images, so k micro-batches of b drop exactly what one batch of k*b
+            # drops (not k draws laid out per micro-batch), and a resume may re-split the global batch.
+            draws_TG = torch.rand((len(tr.teachers), micro_images * accum), generator=tr.generator,
+                                  device=tr.device)
         images_BCHW = batch.images_BCHW.to(tr.device, non_blocking=True)
         with timer("teachers"):  # each teacher runs in its weights' dtype (Teacher.forward)
             targets = [teacher(images_BCHW) for teacher in tr.teachers]
@@ -150,9 +158,8 @@ def forward_backward(tr: Trainer, batches, momentum: float, timer,
                 preds = tr.model(images_BCHW)
             with timer("loss"):
                 out = tr.core.losses(preds, targets, micro_momentum)
-                alpha_TB = teacher_drop_coefficients(
-                    out.loss_TB, config.teacher_drop_prob, tr.generator,
-                    global_batch=config.batch_size * dist.world_size, offset=config.batch_size * dist.rank)
+                alpha_TB = teacher_drop_coefficients(out.loss_TB, config.teacher_drop_prob, tr.generator,
+                                                     draws_TG=draws_TG, offset=micro_images * micro + own_offset)
                 loss = weighted_loss(out.loss_TB, alpha_TB)
             with timer("backward"):
                 (loss / accum).backward()
