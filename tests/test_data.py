@@ -81,6 +81,9 @@ def test_build_train_loader__rejects_batch_larger_than_dataset_and_bad_augment(t
     _write_folder(tmp_path, 3)
     with pytest.raises(DataError, match="fewer than one global batch of 4"):
         build_train_loader(tmp_path, image_size=SIZE, batch_size=2, world_size=2, num_workers=0, seed=0)
+    # an optimiser step of 2 x 2 accumulated images needs 4 (an epoch of none would never end)
+    with pytest.raises(DataError, match=r"fewer than one global batch of 4 \(2 per process x 1 processes x 2 acc"):
+        build_train_loader(tmp_path, image_size=SIZE, batch_size=2, accum_steps=2, num_workers=0, seed=0)
     with pytest.raises(DataError, match="Unknown augmentation 'dino'"):
         build_train_loader(tmp_path, image_size=SIZE, batch_size=2, num_workers=0, seed=0, augment="dino")
 

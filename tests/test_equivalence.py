@@ -128,9 +128,6 @@ def test_grad_accum__schedules_count_optimiser_steps_of_the_global_batch(tiny_te
         assert total_steps(accum, num_images // 8) == total_steps(big, num_images // 24)
 
 
-@pytest.mark.xfail(strict=True, reason="the loader cuts epochs in micro-batches, not in optimiser steps: needs "
-                   "build_train_loader(accum_steps=k) (unic_cli/data/loader.py, plan.train_loader), see "
-                   "/work/notes/review-s6-equivalence.md F3")
 def test_grad_accum__an_epoch_holds_whole_optimiser_steps(tiny_images):
     # 32 images, micro-batches of 4, k = 3: an epoch holds 8 micro-batches, 2 optimiser steps and 2 left over.
     # The big batch (12) drops the epoch's last 8 images and starts epoch 1 at step 3; accumulation must too.
@@ -138,7 +135,8 @@ def test_grad_accum__an_epoch_holds_whole_optimiser_steps(tiny_images):
 
     def steps(batch_size: int, accum: int) -> list[torch.Tensor]:
         loader = build_train_loader(tiny_images, image_size=32, batch_size=batch_size, num_workers=0, seed=0,
-                                    augment="none")
+                                    augment="none", accum_steps=accum)
+        assert loader.steps_per_epoch == 2 * accum  # whole optimiser steps: 32 images hold 2 steps of 12
         batches = iter(loader)
         return [torch.cat([next(batches).images_BCHW for _ in range(accum)]) for _ in range(3)]
 

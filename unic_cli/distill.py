@@ -346,6 +346,7 @@ def _run(config, dist, device, *, resume, overwrite, hooks, timer) -> RunResult:
 
 def _train(config, dist, device, ckpt, earlier_run, *, hooks, timer) -> RunResult:
     from unic_cli.data import open_train_source
+    from unic_cli.data.loader import steps_per_epoch as loader_steps_per_epoch
     from unic_cli.errors import DataError
     from unic_cli.plan import describe, ladder_meta, train_loader
     from unic_cli.plots import plot_run
@@ -354,9 +355,11 @@ def _train(config, dist, device, ckpt, earlier_run, *, hooks, timer) -> RunResul
     timer = timer or (lambda name: contextlib.nullcontext())
     run_dir = config.out_dir
     # the data first: an empty or too small folder is reported before any teacher is downloaded or built
-    source = open_train_source(config.data_dir, batch_size=config.batch_size, world_size=dist.world_size)
+    source = open_train_source(config.data_dir, batch_size=config.batch_size, world_size=dist.world_size,
+                               accum_steps=config.grad_accum_steps)
     if ckpt is not None:  # a finished run: say so before building (or downloading) any teacher
-        planned, _ = total_steps(config, len(source) // (config.batch_size * dist.world_size))
+        planned, _ = total_steps(config, loader_steps_per_epoch(len(source), config.batch_size * dist.world_size,
+                                                                config.grad_accum_steps))
         if ckpt["step"] >= planned:
             last_metrics = ckpt.get("last_metrics") or {}
             log.info("%s already finished at step %d/%d (loss %s); nothing to do", run_dir, ckpt["step"], planned,

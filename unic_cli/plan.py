@@ -129,7 +129,7 @@ def train_loader(config: DistillConfig, teachers: Sequence[nn.Module], *, rank: 
                               batch_size=config.batch_size,
                               num_workers=config.num_workers if num_workers is None else num_workers,
                               seed=config.seed, rank=rank, world_size=world_size, augment=config.augment,
-                              crop_scale=tuple(config.crop_scale))
+                              crop_scale=tuple(config.crop_scale), accum_steps=config.grad_accum_steps)
 
 
 def compile_repeated_blocks(module: nn.Module, mode: str = "default") -> int:

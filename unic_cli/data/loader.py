@@ -166,14 +166,15 @@ class _EpochBatches:
 
     Global batch `step` of an epoch is permutation[step * G:(step + 1) * G] with G = batch_size *
     world_size, and rank r takes its r-th contiguous chunk of B. The tail of an epoch shorter than a
-    global batch is dropped (as the official code's drop_last), so every rank runs the same steps.
+    global batch (of `accum_steps` micro-batches: an optimiser step) is dropped (as the official code's
+    drop_last), so every rank runs the same steps and an epoch holds whole optimiser steps.
     """
 
     def __init__(self, *, num_images: int, batch_size: int, rank: int, world_size: int, seed: int,
-                 start_epoch: int, start_step: int, order_fn=None) -> None:
+                 start_epoch: int, start_step: int, order_fn=None, accum_steps: int = 1) -> None:
         self.num_images, self.batch_size, self.rank, self.world_size = num_images, batch_size, rank, world_size
         self.seed, self.start_epoch, self.start_step = seed, start_epoch, start_step
-        self.steps_per_epoch = num_images // (batch_size * world_size)
+        self.steps_per_epoch = steps_per_epoch(num_images, batch_size * world_size, accum_steps)
         self.order_fn = order_fn  # a source's own epoch order (parquet: block shuffle), from the same generator
 
     def epoch_order(self, epoch: int) -> np.ndarray:
@@ -200,11 +201,12 @@ class TrainLoader:
     """
 
     def __init__(self, dataset: _TrainDataset, *, batch_size: int, num_workers: int, seed: int,
-                 rank: int, world_size: int, pin_memory: bool) -> None:
+                 rank: int, world_size: int, pin_memory: bool, accum_steps: int = 1) -> None:
         self.dataset, self.batch_size, self.num_workers = dataset, batch_size, num_workers
         self.seed, self.rank, self.world_size, self.pin_memory = seed, rank, world_size, pin_memory
+        self.accum_steps = accum_steps
         self.num_images = len(dataset)
-        self.steps_per_epoch = self.num_images // (batch_size * world_size)
+        self.steps_per_epoch = steps_per_epoch(self.num_images, batch_size * world_size, accum_steps)
         self.epoch, self.batch_index = 0, 0
         self.skip_log = _SkipLog()
 
@@ -240,7 +242,7 @@ class TrainLoader:
     def __iter__(self) -> Iterator[Batch]:
         sampler = _EpochBatches(num_images=self.num_images, batch_size=self.batch_size, rank=self.rank,
                                 world_size=self.world_size, seed=self.seed, start_epoch=self.epoch,
-                                start_step=self.batch_index,
+                                start_step=self.batch_index, accum_steps=self.accum_steps,
                                 order_fn=getattr(self.dataset.source, "epoch_order", None))
         # An explicit generator: the DataLoader draws its workers' base seed from it, not from the global RNG
         # (which the training loop owns: drop path, initialisation). Nothing here depends on that seed anyway.
@@ -275,19 +277,26 @@ class TrainLoader:
             pending_skipped = 0
 
 
-def open_train_source(data: Path | str, *, batch_size: int, world_size: int = 1):
+def steps_per_epoch(num_images: int, micro_batch: int, accum_steps: int = 1) -> int:
+    """Micro-batches of `micro_batch` images (all processes) in an epoch: whole optimiser steps of `accum_steps`
+    micro-batches only, so k micro-batches of b see exactly the images one batch of k * b sees."""
+    return num_images // (micro_batch * accum_steps) * accum_steps
+
+
+def open_train_source(data: Path | str, *, batch_size: int, world_size: int = 1, accum_steps: int = 1):
     """`open_image_source` plus the training check that it holds one global batch: every data error of a run,
     cheap enough to raise before any model is built (`unic distill` opens its data first, then its teachers)."""
     source = open_image_source(data)
-    _check_global_batch(source, batch_size, world_size)
+    _check_global_batch(source, batch_size, world_size, accum_steps)
     return source
 
 
-def _check_global_batch(source, batch_size: int, world_size: int) -> None:
-    global_batch = batch_size * world_size
+def _check_global_batch(source, batch_size: int, world_size: int, accum_steps: int = 1) -> None:
+    global_batch = batch_size * world_size * accum_steps
     if len(source) < global_batch:
+        accum = f" x {accum_steps} accumulation steps" if accum_steps > 1 else ""
         raise DataError(f"{source.root!r} has {len(source)} images, fewer than one global batch of "
-                        f"{global_batch} ({batch_size} per process x {world_size} processes); lower "
+                        f"{global_batch} ({batch_size} per process x {world_size} processes{accum}); lower "
                         f"--batch-size or add images.")
 
 
@@ -304,7 +313,8 @@ def _check_sizes(**values: int) -> None:
 
 def build_train_loader(data_dir, *, image_size: int, batch_size: int, num_workers: int, seed: int,
                        rank: int = 0, world_size: int = 1, augment: str = "unic",
-                       crop_scale: tuple[float, float] = (0.08, 1.0), pin_memory: bool | None = None) -> TrainLoader:
+                       crop_scale: tuple[float, float] = (0.08, 1.0), pin_memory: bool | None = None,
+                       accum_steps: int = 1) -> TrainLoader:
     """Endless training stream over a folder of images (class subfolders allowed, labels ignored).
 
     Args:
@@ -318,12 +328,15 @@ def build_train_loader(data_dir, *, image_size: int, batch_size: int, num_worker
         augment: "unic" (the paper's recipe, `augment_unic`) or "none" (resize + center crop).
         crop_scale: the random crop's area range, as fractions of the image (the "unic" augmentation).
         pin_memory: pin batches for fast host-to-device copies; default: when CUDA is available.
+        accum_steps: micro-batches per optimiser step (gradient accumulation): an epoch then holds whole
+            steps, its tail shorter than `batch_size * world_size * accum_steps` images dropped.
 
     Raises:
         DataError: the folder is missing or empty, holds fewer images than one global batch, or a size or
-            count is out of range (image_size, batch_size, world_size below 1, num_workers below 0).
+            count is out of range (image_size, batch_size, world_size, accum_steps below 1, num_workers below 0).
     """
-    _check_sizes(image_size=image_size, batch_size=batch_size, num_workers=num_workers, world_size=world_size)
+    _check_sizes(image_size=image_size, batch_size=batch_size, num_workers=num_workers, world_size=world_size,
+                 accum_steps=accum_steps)
     if augment not in AUGMENTATIONS:
         raise DataError(f"Unknown augmentation {augment!r}; choose one of {', '.join(AUGMENTATIONS)}.")
     if not (len(crop_scale) == 2 and 0.0 < crop_scale[0] <= crop_scale[1] <= 1.0):
@@ -333,13 +346,13 @@ def build_train_loader(data_dir, *, image_size: int, batch_size: int, num_worker
     if seed < 0:
         raise DataError(f"The data seed must be >= 0, got {seed}.")
     source = open_image_source(data_dir) if isinstance(data_dir, (str, os.PathLike)) else data_dir
-    _check_global_batch(source, batch_size, world_size)
+    _check_global_batch(source, batch_size, world_size, accum_steps)
     dataset = _TrainDataset(source, image_size=image_size, augment=augment, seed=seed,
                             crop_scale=(float(crop_scale[0]), float(crop_scale[1])))
     if pin_memory is None:
         pin_memory = torch.cuda.is_available()
     return TrainLoader(dataset, batch_size=batch_size, num_workers=num_workers, seed=seed, rank=rank,
-                       world_size=world_size, pin_memory=pin_memory)
+                       world_size=world_size, pin_memory=pin_memory, accum_steps=accum_steps)
 
 
 
