@@ -54,3 +54,14 @@ def test_student__normalize_resizes_larger_batches_to_its_input():
     assert x.shape == (2, 3, 64, 64)
     flat = torch.full((1, 3, 96, 96), 255, dtype=torch.uint8)  # resizing keeps a flat image flat
     torch.testing.assert_close(student.normalize(flat), ((1 - student.mean_C) / student.std_C).expand(1, 3, 64, 64))
+
+
+def test_uniform_drop_path__swaps_only_when_some_rate_is_positive():
+    from unic_cli.student import _TensorDropPath, build_student, uniform_drop_path
+
+    plain = build_student("test_vit", image_size=32, drop_path_rate=0.0).model
+    uniform_drop_path(plain)  # nothing to drop: no module that would draw a mask per block
+    assert not any(isinstance(m, _TensorDropPath) for m in plain.modules())
+    dropping = build_student("test_vit", image_size=32, drop_path_rate=0.1).model
+    uniform_drop_path(dropping)
+    assert sum(isinstance(m, _TensorDropPath) for m in dropping.modules()) > 0

@@ -106,7 +106,12 @@ def uniform_drop_path(model: nn.Module) -> None:
     """Swap each block's `drop_path*` (timm DropPath or Identity at rate 0) for `_TensorDropPath`, in place.
 
     Only for compiled students: the mask is drawn differently from timm's, so eager runs keep timm's module.
+    Without stochastic depth (every rate 0) nothing is swapped: a swapped module would still draw a mask per block.
     """
+    rates = [float(getattr(child, "drop_prob", 0.0) or 0.0) for block in model.blocks
+             for name, child in block.named_children() if name.startswith("drop_path")]
+    if not any(rate > 0 for rate in rates):
+        return
     for block in model.blocks:
         device = next(block.parameters()).device
         for name, child in list(block.named_children()):
