@@ -596,3 +596,11 @@ def test_train_loader__an_unreadable_batch_keeps_the_ranks_in_step(tmp_path) -> 
                 assert torch.equal(batch.images_BCHW, previous[r].images_BCHW)
         previous = batches
     assert sum(loader.num_skipped_total for loader in ranks) == 4 and repeats >= 3
+
+
+def test_prefetch_factor__shrinks_for_big_batches() -> None:
+    from unic_cli.data.loader import prefetch_factor
+
+    assert prefetch_factor(256, 224, 8) == 4  # 38 MB batches: 4 ahead per worker
+    assert prefetch_factor(128, 1024, 4) == 1  # 400 MB batches (a SAM teacher's 1024 px): 4 in flight, 1.6 GB
+    assert prefetch_factor(32, 1024, 4) == 4 and prefetch_factor(64, 1024, 4) == 2

@@ -161,6 +161,17 @@ def _single_threaded(loader: torch.utils.data.DataLoader, num_workers: int) -> I
 
 
 
+PREFETCH_BYTES = 2 << 30  # uint8 batches prepared ahead by the workers of one training loader (see prefetch_factor)
+
+
+def prefetch_factor(batch_size: int, image_size: int, num_workers: int) -> int:
+    """Batches each worker prepares ahead: 4, fewer when batches are big, so that the batches in flight stay under
+    `PREFETCH_BYTES` of pinned host memory per process (128 images at 1024 px, for a SAM teacher, are 400 MB a
+    batch: 4 workers x 4 of them would pin 6.4 GB on every rank)."""
+    batch_bytes = batch_size * 3 * image_size**2
+    return max(1, min(4, PREFETCH_BYTES // (max(num_workers, 1) * batch_bytes)))
+
+
 class _EpochBatches:
     """Infinite batch sampler: each epoch a seeded permutation; this rank's slice of every global batch.
 
@@ -249,7 +260,8 @@ class TrainLoader:
         generator = torch.Generator().manual_seed(self.seed)
         loader = torch.utils.data.DataLoader(
             self.dataset, batch_sampler=sampler, num_workers=self.num_workers, collate_fn=_collate_train,
-            pin_memory=self.pin_memory, prefetch_factor=4 if self.num_workers else None,
+            pin_memory=self.pin_memory, prefetch_factor=prefetch_factor(self.batch_size, self.dataset.image_size, self.num_workers)
+            if self.num_workers else None,
             persistent_workers=False, generator=generator)
         pending_skipped, empty_run, previous_BCHW = 0, 0, None
         for images_BCHW, skipped in _single_threaded(loader, self.num_workers):
