@@ -28,7 +28,9 @@ def checkpoint_dir(run_dir: Path) -> Path:
 
 def _atomic_torch_save(obj: dict, path: Path) -> None:
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    with open(tmp, "wb") as f:
+    tmp.unlink(missing_ok=True)
+    # O_EXCL: never write through a symlink planted at the temporary name (a group-writable run folder)
+    with os.fdopen(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666), "wb") as f:
         torch.save(obj, f)
         f.flush()
         os.fsync(f.fileno())  # the rename must never expose a half-written file after a crash
@@ -102,7 +104,11 @@ def load_checkpoint(path: Path, *, map_location: str | torch.device = "cpu") -> 
     try:
         ckpt = torch.load(found, map_location=map_location, weights_only=True)
     except Exception as err:  # torch raises many types for a corrupt or foreign file; all mean "unreadable"
-        raise CheckpointError(f"{str(found)!r} is not a readable checkpoint: {err}") from None
+        from unic_cli.teachers.weights import unsafe_pickle_reason
+
+        # torch's own text for a refused pickle is long and suggests weights_only=False: never for a foreign file
+        reason = unsafe_pickle_reason(err) or err
+        raise CheckpointError(f"{str(found)!r} is not a readable checkpoint: {reason}") from None
     if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT:
         raise CheckpointError(f"{str(found)!r} is not a `unic distill` checkpoint (no format={FORMAT!r})")
     if ckpt.get("format_version", 0) > FORMAT_VERSION:

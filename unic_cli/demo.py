@@ -52,6 +52,27 @@ CROP_PHOTOS = ("astronaut.png", "brick.png", "chelsea.png", "coffee.png", "grass
 _CROPS_PER_HALF = 12
 _CROP_SIZE = 96
 _PHOTO_SIDE = 256  # photos are stored with this shorter side: cheaper decoding, crops still cover each photo
+# What `--overwrite` deletes in --out, and the marker that says --out is a demo folder (so `--out ~` never loses
+# ~/data: --overwrite replaces an earlier demo, never an unrelated folder).
+_DEMO_ENTRIES = ("data", "run", "student", "probe", "probe-random-init", "distill.toml")
+DEMO_MARKER = ".unic-demo"
+
+
+def _is_demo_folder(out: Path) -> bool:
+    """Whether `out` was written by `unic demo`: its marker, or (demos older than the marker) the demo's own
+    data/distill/ and run/config.toml."""
+    return (out / DEMO_MARKER).is_file() or ((out / "data" / "distill").is_dir()
+                                            and (out / "run" / "config.toml").is_file())
+
+
+def overwrite_problem(out: Path) -> str | None:
+    """Why `--overwrite` must not clear `out`: it holds files but is not a demo folder; None if it may."""
+    if not out.is_dir() or not any(out.iterdir()) or _is_demo_folder(out):
+        return None
+    at_risk = [name for name in _DEMO_ENTRIES if (out / name).exists()]
+    deleted = f" (it would delete {', '.join(at_risk)})" if at_risk else ""
+    return (f"--out {str(out)!r} holds files but is not a unic demo folder (no {DEMO_MARKER}); --overwrite only "
+            f"replaces an earlier demo{deleted}; choose a new or empty --out")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -88,6 +109,8 @@ class DemoConfig(CommandConfig):
         elif self.out_dir.is_dir() and any(self.out_dir.iterdir()) and not self.overwrite:
             problems.append(f"--out {str(self.out_dir)!r} already holds files; pass --overwrite to replace the "
                             "earlier demo, or choose another --out")
+        elif self.overwrite and (problem := overwrite_problem(self.out_dir)):
+            problems.append(problem)
         return problems
 
 
@@ -221,12 +244,16 @@ def run_demo(config: DemoConfig, *, hooks=None, progress=None) -> DemoResult:
     start = time.perf_counter()
     out = config.out_dir
     if out.is_dir() and config.overwrite:
-        for name in ("data", "run", "student", "probe", "probe-random-init", "distill.toml"):  # with older demos
+        if problem := overwrite_problem(out):  # checked again: a config built without validate()
+            raise ConfigError(problem)
+        for name in _DEMO_ENTRIES:  # with older demos
             if (out / name).is_dir():
                 shutil.rmtree(out / name, ignore_errors=True)
             else:
                 (out / name).unlink(missing_ok=True)
     out.mkdir(parents=True, exist_ok=True)
+    (out / DEMO_MARKER).write_text("written by `unic demo`; `unic demo --overwrite` may replace this folder\n",
+                                   encoding="utf-8")
     data = prepare_demo_data(out / "data", seed=config.seed)
     seconds["data"] = time.perf_counter() - start
 

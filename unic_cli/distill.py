@@ -34,7 +34,7 @@ import torch
 from unic_cli import __version__
 from unic_cli.checkpoint import (find_checkpoint, load_checkpoint, remove_stale_temporaries, restore_rng_states,
                                  rng_states, save_checkpoint)
-from unic_cli.config import DistillConfig
+from unic_cli.config import DistillConfig, tomllib
 from unic_cli.devices import resolve_device
 from unic_cli import distributed
 from unic_cli.distributed import all_reduce_mean_, dist_info
@@ -148,7 +148,11 @@ class _RunLock:
             import fcntl
         except ImportError:  # no flock on this platform: run unlocked
             return self
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:  # O_NOFOLLOW: a symlink planted at RUN/.lock must not make us truncate the file it points to
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0), 0o644)
+        except OSError as err:
+            link = " (a symbolic link: unic does not follow it; remove it)" if self.path.is_symlink() else ""
+            raise ConfigError(f"cannot open the lock file {str(self.path)!r}: {err.strerror or err}{link}") from None
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -204,11 +208,32 @@ def _prepare_run_dir(config: DistillConfig, *, resume: bool, overwrite: bool,
         if problems:
             raise ConfigError(problems)
         return ckpt, []
+    earlier = [*(run_dir / p for p in (*_RUN_FILES, "checkpoints") if (run_dir / p).exists()),
+               *run_dir.glob("config.until_step_*.toml")]
+    at_risk = [p for p in earlier if not p.is_dir() or any(p.glob("*.pt"))]  # _clear_run_files deletes these
+    if at_risk and not _is_run_folder(run_dir):
+        # --overwrite replaces an earlier run, never files of an unrelated folder (`--out ~` holding a
+        # config.toml, or a checkpoints/ folder of another project's .pt files)
+        names = [p.name + ("/*.pt" if p.is_dir() else "") for p in at_risk]
+        raise ConfigError(f"--out {str(run_dir)!r} is not a unic run folder (its config.toml is missing or not "
+                          f"a `unic distill` config), yet holds {', '.join(names)}, which a run would replace; "
+                          "unic refuses to, even with --overwrite; choose a new or empty --out")
     if _run_started(run_dir) and not overwrite:
         raise ConfigError(f"run folder {str(run_dir)!r} already holds a run (checkpoints or metrics.jsonl); pass "
                           "--resume to continue it, --overwrite to replace it, or choose another --out")
-    return None, [*(run_dir / p for p in (*_RUN_FILES, "checkpoints") if (run_dir / p).exists()),
-                  *run_dir.glob("config.until_step_*.toml")]
+    return None, earlier
+
+
+def _is_run_folder(run_dir: Path) -> bool:
+    """Whether `run_dir/config.toml` is a `unic distill` config (what every run writes before its first step):
+    only then may a new run replace the folder's run files."""
+    try:
+        raw = tomllib.loads((run_dir / "config.toml").read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError):
+        return False
+    if "command" in raw:  # what every run writes (fields of other unic versions may differ)
+        return raw["command"] == DistillConfig.command
+    return raw.keys() <= {f.name for f in dataclasses.fields(DistillConfig)} | {"unic_version"}
 
 
 def _load_resume_checkpoint(run_dir: Path) -> dict:
@@ -267,7 +292,10 @@ def _trim_metrics(path: Path, step: int) -> None:
 
 def _write_text_atomic(path: Path, text: str) -> None:
     tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text, encoding="utf-8")
+    tmp.unlink(missing_ok=True)
+    # O_EXCL: never write through a symlink planted at the temporary name (a group-writable run folder)
+    with os.fdopen(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666), "w", encoding="utf-8") as f:
+        f.write(text)
     os.replace(tmp, path)
 
 

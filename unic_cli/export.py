@@ -110,8 +110,9 @@ def read_checkpoint(path: Path) -> tuple[dict[str, Any], str, Path]:
                 warnings.simplefilter("ignore")
                 ckpt = torch.load(f, map_location="cpu", weights_only=True)
         except Exception as err:  # pickle, zip and torch errors all mean "not a checkpoint we can read"
-            reason = ("it holds objects that a safe weights_only load refuses" if "Weights only load failed" in str(err)
-                      else "a damaged PyTorch file")
+            from unic_cli.teachers.weights import unsafe_pickle_reason
+
+            reason = unsafe_pickle_reason(err) or "a damaged PyTorch file"
             raise CheckpointError(f"{not_unic} ({reason}); give a file written by `unic distill`") from None
     if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT:
         found = f"format {ckpt.get('format')!r}" if isinstance(ckpt, dict) else type(ckpt).__name__
@@ -605,10 +606,20 @@ def _check_out_dir(out_dir: Path, overwrite: bool) -> None:
         return
     if not overwrite:
         raise ExportError(f"{str(out_dir)!r} already exists; pass --overwrite to replace it, or choose another --out")
-    if not out_dir.is_dir() or not (out_dir / "unic.json").is_file():
+    if not _is_unic_export(out_dir):
         # --overwrite replaces an earlier export, never an unrelated folder or file
-        raise ExportError(f"{str(out_dir)!r} exists and is not a unic export (no unic.json); refusing to replace "
-                          "it even with --overwrite; choose another --out")
+        raise ExportError(f"{str(out_dir)!r} exists and is not a unic export (no unic.json written by `unic export`); "
+                          "refusing to replace it even with --overwrite; choose another --out")
+
+
+def _is_unic_export(folder: Path) -> bool:
+    """Whether `folder` holds a unic.json that `unic export` wrote (any version): a stray or empty file of that
+    name does not make a folder replaceable."""
+    try:
+        info = json.loads((folder / "unic.json").read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError):
+        return False
+    return folder.is_dir() and isinstance(info, dict) and info.get("format") == EXPORT_FORMAT
 
 
 def _share_like_a_new_folder(folder: Path) -> None:
@@ -835,13 +846,26 @@ def load_student(folder: str | Path, *, device: str | torch.device = "cpu") -> L
     if not (folder / "unic.json").is_file() or not (folder / WEIGHTS_FILE).is_file():
         raise ExportError(f"{str(folder)!r} is not an exported unic student (needs unic.json and {WEIGHTS_FILE}); "
                           "create one with `unic export RUN --out DIR`")
-    card = json.loads((folder / "unic.json").read_text(encoding="utf-8"))
-    if card.get("format") != EXPORT_FORMAT or card.get("format_version", 0) > FORMAT_VERSION:
+    try:
+        card = json.loads((folder / "unic.json").read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise ExportError(f"{str(folder / 'unic.json')!r} is unreadable ({err}); re-export this student") from None
+    if (not isinstance(card, dict) or card.get("format") != EXPORT_FORMAT
+            or card.get("format_version", 0) > FORMAT_VERSION):
+        found = (f"format {card.get('format')!r} v{card.get('format_version')}" if isinstance(card, dict)
+                 else "not a JSON object")
         raise ExportError(f"{str(folder / 'unic.json')!r} is not a unic export this version reads "
-                          f"(format {card.get('format')!r} v{card.get('format_version')}); re-export or upgrade unic")
-    model = timm.create_model(f"local-dir:{folder}", pretrained=True).eval().to(device)
+                          f"({found}); re-export or upgrade unic")
+    # a damaged or foreign weights file (a pickle renamed model.safetensors) is a clear error, never unpickled
+    from safetensors import SafetensorError
+
+    try:
+        model = timm.create_model(f"local-dir:{folder}", pretrained=True).eval().to(device)
+        heads = _load_heads(folder, model, card["student"]) if (folder / HEADS_FILE).is_file() else {}
+    except SafetensorError as err:
+        raise ExportError(f"{str(folder)!r} holds a weights file that is not readable safetensors ({err}); "
+                          "re-export this student") from None
     transform = create_transform(**resolve_data_config({}, model=model))
-    heads = _load_heads(folder, model, card["student"]) if (folder / HEADS_FILE).is_file() else {}
     return LoadedStudent(model=model, transform=transform, card=card,
                          heads={a: h.to(device) for a, h in heads.items()})
 

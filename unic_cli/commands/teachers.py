@@ -17,6 +17,14 @@ def _model_name(card) -> str:
     return card.model_id
 
 
+def _shown(value: object):
+    """Card text as rich shows it verbatim: a Text (never parsed as markup), with control characters (terminal
+    escape sequences) written as escapes. Cards may come from someone else's --registry folder."""
+    from rich.text import Text
+
+    return Text("".join(c if c.isprintable() else repr(c)[1:-1] for c in str(value)))
+
+
 def _widths(card) -> str:
     if not card.has_summary:
         return f"-/{card.patch_dim}"
@@ -49,8 +57,9 @@ def _table(cards) -> None:
     table.add_column("licence", overflow="fold")
     for card in cards:
         patch = f"{card.patch_size}" + ("s" if card.family == "convnet" else "")
-        table.add_row(card.alias, card.source, _model_name(card), str(card.image_size), patch, _widths(card),
-                      str(card.num_register_tokens), card.summary_from if card.has_summary else "-", card.license)
+        table.add_row(_shown(card.alias), card.source, _shown(_model_name(card)), str(card.image_size), patch,
+                      _widths(card), str(card.num_register_tokens), card.summary_from if card.has_summary else "-",
+                      _shown(card.license))
     console.print(table)
 
 
@@ -131,12 +140,12 @@ def show(spec: str, image_size: int, patch_size: int, as_json: bool) -> None:
 
     from unic_cli.console import console
 
-    table = Table(title=f"teacher {card.alias}", show_header=False)
+    table = Table(title=_shown(f"teacher {card.alias}"), show_header=False)
     table.add_column("field", style="bold")
     table.add_column("value", overflow="fold")
     for key, value in card.to_dict().items():
         if value not in (None, ""):
-            table.add_row(key, str(value))
+            table.add_row(key, _shown(value))
     ih, iw = input_size
     fh, fw = card.grid_for(input_size)
     how = f"{fh}x{fw} feature map resized to the student grid" if (fh, fw) != grid else "grids match exactly"

@@ -132,6 +132,12 @@ def _tar_end_problem(shard: str, offset: int) -> str | None:
     return f"invalid tar header at byte {offset}"
 
 
+def _stored_whole(member: tarfile.TarInfo) -> bool:
+    """A regular file whose bytes follow its header: not a link (never followed), device or folder, and not a
+    sparse file, whose header may claim any size (a 1 TB "image" in a 1 kB shard) that a read would allocate."""
+    return member.type in (tarfile.REGTYPE, tarfile.AREGTYPE) and member.sparse is None
+
+
 class TarIndex:
     """WebDataset tar shards as a random-access image source: (shard, data offset, size) per sample.
 
@@ -156,7 +162,8 @@ class TarIndex:
                 with tarfile.open(shard, "r:") as tar:  # "r:" seeks over member data: headers only
                     for member in tar:
                         base = posixpath.basename(member.name)
-                        if not member.isfile() or base.startswith(".") or not base.lower().endswith(IMAGE_EXTENSIONS):
+                        if (not _stored_whole(member) or base.startswith(".")
+                                or not base.lower().endswith(IMAGE_EXTENSIONS)):
                             continue
                         key = posixpath.join(posixpath.dirname(member.name), base.split(".", 1)[0])
                         if key in seen_keys:

