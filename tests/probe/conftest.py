@@ -27,17 +27,22 @@ def make_class_data(root: Path, *, splits=(("train", 8), ("val", 4)), classes=tu
 
 
 def make_dense_data(root: Path, *, splits=(("train", 6), ("test", 3)), size=(36, 48), seed: int = 0,
-                    void: int = 255) -> Path:
-    """`root/<split>/{images,masks,depth}/`: three colour bands (labels 0-2, a void corner), depth = 1 + label m."""
+                    void: int = 255, sizes: dict[str, list[tuple[int, int]]] | None = None) -> Path:
+    """`root/<split>/{images,masks,depth}/`: three colour bands (labels 0-2, a void corner), depth = 1 + label m.
+
+    `sizes` gives a split's images (and targets) their own sizes, cycled; other splits are all `size`.
+    """
     rng = np.random.default_rng(seed)
     colours = np.array(list(COLOURS.values()))
     for split, n in splits:
         for sub in ("images", "masks", "depth"):
             (root / split / sub).mkdir(parents=True, exist_ok=True)
+        split_sizes = (sizes or {}).get(split, [size])
         for i in range(n):
-            labels = (np.arange(size[1])[None, :].repeat(size[0], 0) * 3 // size[1]).astype(np.uint8)
-            labels = np.roll(labels, int(rng.integers(0, size[1])), axis=1)
-            image = np.clip(colours[labels] + rng.normal(0, 20, (*size, 3)), 0, 255).astype(np.uint8)
+            height, width = split_sizes[i % len(split_sizes)]
+            labels = (np.arange(width)[None, :].repeat(height, 0) * 3 // width).astype(np.uint8)
+            labels = np.roll(labels, int(rng.integers(0, width)), axis=1)
+            image = np.clip(colours[labels] + rng.normal(0, 20, (height, width, 3)), 0, 255).astype(np.uint8)
             depth_mm = ((1.0 + labels) * 1000).astype(np.uint16)
             labels[:4, :4] = void
             Image.fromarray(image).save(root / split / "images" / f"{i:03d}.jpg")
@@ -65,6 +70,13 @@ def class_data(tmp_path) -> Path:
 @pytest.fixture
 def dense_data(tmp_path) -> Path:
     return make_dense_data(tmp_path / "dense")
+
+
+@pytest.fixture
+def mixed_dense_data(tmp_path) -> Path:
+    """Dense data whose images and targets differ in size within each split (as in ADE20K)."""
+    sizes = {"train": [(36, 48), (40, 32)], "test": [(36, 48), (20, 30), (64, 16), (36, 48), (9, 70)]}
+    return make_dense_data(tmp_path / "mixed", splits=(("train", 6), ("test", 5)), sizes=sizes)
 
 
 @pytest.fixture(scope="session")

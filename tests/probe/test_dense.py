@@ -162,3 +162,161 @@ def test_run_depth_probe__averages_per_image_not_per_pixel():
     assert metrics["delta1"] == pytest.approx(0.5)
     nothing = run_depth_probe(tokens, train, tokens, torch.zeros(2, 16, 16), grid=(4, 4), num_bins=1, num_steps=1)
     assert all(math.isnan(nothing[m]) for m in ("rmse", "abs_rel", "delta1"))  # not a perfect 0 RMSE
+
+
+# ---- scoring at each test image's own target size (mmsegmentation / depth toolbox protocol) --------------------
+
+MIXED_SIZES = [(20, 28), (13, 17), (20, 28), (20, 28), (31, 9), (16, 16), (7, 40)]  # batch 4: runs of 1, 2, 3 sizes
+
+
+def _masks_at(labels_Mhw: torch.Tensor, sizes) -> list[torch.Tensor]:
+    """Each image's label grid upsampled (nearest) to its own size, with void top rows."""
+    masks = []
+    for labels_hw, size in zip(labels_Mhw, sizes):
+        mask_HW = F.interpolate(labels_hw[None, None].float(), size=size, mode="nearest")[0, 0].to(torch.uint8)
+        mask_HW[:3] = 255
+        masks.append(mask_HW)
+    return masks
+
+
+def _mixed_scene(sizes, seed: int):
+    gen = torch.Generator().manual_seed(seed)
+    labels_Mhw = torch.randint(0, 3, (len(sizes), 4, 4), generator=gen)
+    tokens_MND = F.one_hot(labels_Mhw.flatten(1), 8).float() * 4 + 0.5 * torch.randn(len(sizes), 16, 8, generator=gen)
+    return tokens_MND.half(), _masks_at(labels_Mhw, sizes)
+
+
+SEG = dict(grid=(4, 4), num_classes=3, ignore_index=255, num_steps=25, batch_size=4, lr=3e-2, weight_decay=1e-4,
+           seed=0)
+
+
+def _seg_before_native_sizes(head, test_x, test_masks_MHW):
+    """run_seg_probe's scoring loop before test masks kept their own sizes (verbatim, on a trained head)."""
+    from unic_cli.probe.dense import seg_confusion, seg_scores
+
+    confusion_KK = torch.zeros(3, 3, dtype=torch.long)
+    size = tuple(test_masks_MHW.shape[-2:])
+    with torch.no_grad():
+        for start in range(0, test_x.shape[0], 4):
+            pred_BHW = head(test_x[start : start + 4], size).argmax(dim=1)
+            true_BHW = test_masks_MHW[start : start + 4]
+            confusion_KK += seg_confusion(pred_BHW, true_BHW, num_classes=3, ignore_index=255)
+    return {**seg_scores(confusion_KK), "num_classes": 3}
+
+
+def test_run_seg_probe__one_mask_size_scores_bit_identical_to_before(tmp_path):
+    from unic_cli.probe.dense import _fit_seg_head
+    from unic_cli.probe.features import RaggedTargets
+
+    train_x, train_y = _scene(12, seed=0)
+    test_x, masks = _mixed_scene([(20, 28)] * 5, seed=1)
+    test_y = torch.stack(masks)
+    head = _fit_seg_head(train_x, train_y.to(torch.uint8), device=torch.device("cpu"), **SEG)
+    before = _seg_before_native_sizes(head, test_x, test_y)
+    assert before["miou"] < 0.99  # errors to reproduce, not a perfect score any scoring would give
+    for targets in (test_y, RaggedTargets.from_images(masks), RaggedTargets.from_dense(test_y)[torch.ones(5) > 0]):
+        assert run_seg_probe(train_x, train_y.to(torch.uint8), test_x, targets, **SEG) == before  # exact
+
+
+def _seg_reference(head, test_x, masks, batch_size=4):
+    """mmsegmentation's protocol, written out: per image, logits upsampled (bilinear) to its mask, argmax; one
+    confusion matrix over all images; IoU per class present in truth or prediction, averaged (numpy)."""
+    import numpy as np
+
+    confusion = np.zeros((3, 3), dtype=np.int64)
+    with torch.no_grad():
+        for start in range(0, len(masks), batch_size):
+            logits_BKhw = head.grid_logits(test_x[start : start + batch_size])
+            for logits_Khw, mask in zip(logits_BKhw, masks[start : start + batch_size]):
+                pred = F.interpolate(logits_Khw[None], size=tuple(mask.shape), mode="bilinear",
+                                     align_corners=False)[0].argmax(0).numpy()
+                true = mask.numpy().astype(np.int64)
+                keep = true != 255
+                confusion += np.bincount(true[keep] * 3 + pred[keep], minlength=9).reshape(3, 3)
+    tp = np.diag(confusion).astype(float)
+    union = confusion.sum(0) + confusion.sum(1) - tp
+    return {"miou": float(np.mean(tp[union > 0] / union[union > 0])), "pixel_acc": float(tp.sum() / confusion.sum())}
+
+
+def test_run_seg_probe__mixed_mask_sizes_are_scored_each_at_its_own_size():
+    from unic_cli.probe.dense import _fit_seg_head, _native_batches
+    from unic_cli.probe.features import RaggedTargets, _resize_target
+
+    train_x, train_y = _scene(12, seed=0)
+    test_x, masks = _mixed_scene(MIXED_SIZES, seed=1)
+    head = _fit_seg_head(train_x, train_y.to(torch.uint8), device=torch.device("cpu"), **SEG)
+    want = _seg_reference(head, test_x, masks)
+    got = run_seg_probe(train_x, train_y.to(torch.uint8), test_x, RaggedTargets.from_images(masks), **SEG)
+    assert got["miou"] == pytest.approx(want["miou"], abs=1e-12)
+    assert got["pixel_acc"] == pytest.approx(want["pixel_acc"], abs=1e-12)
+    # the former scoring (every mask resized to the first one's size) gives other numbers on such a split
+    first = torch.stack([torch.from_numpy(_resize_target(m.numpy(), MIXED_SIZES[0])) for m in masks])
+    assert run_seg_probe(train_x, train_y.to(torch.uint8), test_x, first, **SEG)["miou"] != got["miou"]
+    # a subset (the rows of readable images) scores only its images; tiny upsampling groups change nothing
+    keep = torch.tensor([True, False, True, True, False, True, True])
+    subset = run_seg_probe(train_x, train_y.to(torch.uint8), test_x[keep], RaggedTargets.from_images(masks)[keep],
+                           **SEG)
+    assert subset["miou"] == pytest.approx(_seg_reference(head, test_x[keep], [m for m, k in zip(masks, keep) if k])
+                                           ["miou"], abs=1e-12)
+    ragged = RaggedTargets.from_images(masks)
+    with torch.no_grad():
+        whole = [(x.clone(), t) for x, t in _native_batches(head, test_x, ragged, batch_size=4, device="cpu")]
+        split = [(x.clone(), t) for x, t in _native_batches(head, test_x, ragged, batch_size=4, device="cpu",
+                                                             max_elements=3 * 20 * 28)]
+    assert [len(t) for _, t in whole] == [1, 1, 2, 1, 1, 1] and [len(t) for _, t in split] == [1, 1, 1, 1, 1, 1, 1]
+    assert torch.equal(torch.cat([x for x, _ in whole[2:3]]), torch.cat([x for x, _ in split[2:4]]))
+
+
+def test_run_depth_probe__mixed_depth_map_sizes_are_scored_each_at_its_own_size():
+    import numpy as np
+
+    from unic_cli.probe.dense import _fit_depth_head
+    from unic_cli.probe.features import RaggedTargets
+
+    train_x, train_y = _scene(12, seed=0)
+    test_x, masks = _mixed_scene(MIXED_SIZES, seed=1)
+    depths = [torch.where(m == 255, 0.0, m.float() + 1.0) for m in masks]  # 1-3 m, void rows invalid
+    depths[1].zero_()  # an image without a valid pixel is not scored
+    train_depth = train_y.float() + 1
+    args = dict(grid=(4, 4), num_bins=8, num_steps=25, batch_size=4, lr=3e-2, weight_decay=1e-4, seed=0)
+    got = run_depth_probe(train_x, train_depth, test_x, RaggedTargets.from_images(depths), **args)
+    # reference: the depth toolboxes' per-image metrics at each map's own size, then the mean over images
+    head, _, _ = _fit_depth_head(train_x, train_depth, device=torch.device("cpu"), **args)
+    centres_K = torch.linspace(1.0, 3.0, 8)  # bins between the training min and max
+    per_image = []
+    with torch.no_grad():
+        for i, true_HW in enumerate(depths):
+            logits_KHW = F.interpolate(head.grid_logits(test_x[i : i + 1]), size=tuple(true_HW.shape),
+                                       mode="bilinear", align_corners=False)[0]
+            pred = (logits_KHW.softmax(0) * centres_K[:, None, None]).sum(0).clamp(1.0, 3.0).double().numpy()
+            t = true_HW.double().numpy()
+            if (t > 0).any():
+                p, t = pred[t > 0], t[t > 0]
+                per_image.append([np.sqrt(((p - t) ** 2).mean()), np.mean(np.abs(p - t) / t),
+                                  np.mean(np.maximum(p / t, t / p) < 1.25)])
+    want = np.mean(per_image, axis=0)
+    assert [got["rmse"], got["abs_rel"], got["delta1"]] == pytest.approx(want.tolist(), rel=1e-6)
+
+
+def test_run_depth_probe__one_map_size_scores_bit_identical_to_before():
+    from unic_cli.probe.dense import _fit_depth_head, depth_errors
+    from unic_cli.probe.features import RaggedTargets
+
+    train_x, train_y = _scene(12, seed=0)
+    test_x, masks = _mixed_scene([(20, 28)] * 5, seed=1)
+    test_depth = torch.stack([torch.where(m == 255, 0.0, m.float() + 1.0) for m in masks])
+    for bins in (8, 0):
+        args = dict(grid=(4, 4), num_bins=bins, num_steps=25, batch_size=4, lr=3e-2, weight_decay=1e-4, seed=0)
+        head, predict, mode = _fit_depth_head(train_x, train_y.float() + 1, device=torch.device("cpu"), **args)
+        # run_depth_probe's scoring loop before depth maps kept their own sizes (verbatim)
+        sums_3, num_scored = torch.zeros(3, dtype=torch.float64), torch.zeros((), dtype=torch.long)
+        with torch.no_grad():
+            for start in range(0, 5, 4):
+                pred_BHW = predict(head(test_x[start : start + 4], (20, 28))).clamp(1.0, 3.0)
+                errors_B3, scored_B = depth_errors(pred_BHW, test_depth[start : start + 4])
+                sums_3 += (errors_B3 * scored_B[:, None]).sum(dim=0)
+                num_scored += scored_B.sum()
+        rmse, abs_rel, delta1 = (sums_3 / num_scored).tolist()
+        before = {"rmse": rmse, "abs_rel": abs_rel, "delta1": delta1, "head": mode}
+        for targets in (test_depth, RaggedTargets.from_images(list(test_depth))):
+            assert run_depth_probe(train_x, train_y.float() + 1, test_x, targets, **args) == before  # exact

@@ -316,3 +316,45 @@ def test_read_target__16_bit_png_depth_is_scaled_and_8_bit_png_depth_is_refused(
         Image.fromarray(np.full((36, 48), 20, dtype=np.uint8)).save(dense_data / "train" / "depth" / name)
     with pytest.raises(DataError, match=r"003\.png' is a 8-bit PNG.*\(2 of 6 files, e\.g\. 003\.png, 005\.png\)"):
         load_targets(split, "depth", cache=FeatureCache(tmp_path / "cache"), depth_scale=1000.0, num_workers=0)
+
+
+def test_load_native_targets__ragged_layout_at_each_target_s_own_size_memory_mapped_and_cached(
+        tmp_path, mixed_dense_data, caplog):
+    from safetensors import safe_open
+
+    from unic_cli.probe.features import load_native_targets, load_targets, read_target
+
+    data, sizes = mixed_dense_data, [(36, 48), (20, 30), (64, 16), (36, 48), (9, 70)]
+    split = list_dense_split(data / "test", "masks")
+    cache = FeatureCache(tmp_path / "cache")
+    masks = load_native_targets(split, "mask", cache=cache, depth_scale=1000.0, num_workers=0)
+    assert masks.shapes_M2.tolist() == [list(s) for s in sizes] and masks.dtype == torch.uint8
+    for i, path in enumerate(split.targets):
+        assert torch.equal(masks.image(i), torch.from_numpy(read_target(path, "mask")).to(torch.uint8))
+    # stored ragged: one flat buffer of exactly the split's pixels, no [M, Hmax, Wmax] padding
+    [path] = (tmp_path / "cache").glob("targets-test-mask-native-*.safetensors")
+    with safe_open(path, framework="pt") as f:
+        stored = {k: f.get_slice(k).get_shape() for k in f.keys()}
+    pixels = sum(h * w for h, w in sizes)
+    assert stored == {"flat": [pixels], "offsets": [5], "shapes": [5, 2]}
+    assert path.stat().st_size < pixels + 1024 < 5 * 64 * 70  # uint8, plus offsets, shapes and the header
+    if os.path.exists("/proc/self/maps"):  # mapped from the cache file, not read into memory (Linux tells which)
+        ptr = masks.flat_P.data_ptr()
+        with open("/proc/self/maps") as f:
+            mapped = [line.split()[-1] for line in f
+                      if int(line.split("-")[0], 16) <= ptr < int(line.split()[0].split("-")[1], 16)]
+        assert mapped == [str(path)]
+    # the second call reads the cache; the key and name differ from the resized (training) targets' file
+    stamp = path.stat().st_mtime_ns
+    again = load_native_targets(split, "mask", cache=cache, depth_scale=1000.0, num_workers=0)
+    assert path.stat().st_mtime_ns == stamp and torch.equal(again.flat_P, masks.flat_P)
+    resized = load_targets(split, "mask", cache=cache, depth_scale=1000.0, num_workers=0)
+    assert resized.shape == (5, 36, 48) and len(list((tmp_path / "cache").iterdir())) == 2
+    # a damaged file is read again from the masks
+    path.write_bytes(path.read_bytes()[:-10])
+    caplog.set_level("WARNING", logger="unic_cli")
+    repaired = load_native_targets(split, "mask", cache=cache, depth_scale=1000.0, num_workers=0)
+    assert "ignoring unreadable cache file" in caplog.text and torch.equal(repaired.flat_P, masks.flat_P)
+    depth = load_native_targets(list_dense_split(data / "test", "depth"), "depth", cache=cache, depth_scale=1000.0,
+                                num_workers=0)
+    assert depth.dtype == torch.float32 and depth.image(4).shape == (9, 70) and float(depth.image(4).max()) == 3.0

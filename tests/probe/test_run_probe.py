@@ -272,3 +272,17 @@ def test_run_probe__validates_a_directly_built_config_and_keeps_the_callers_rng(
     run_probe(ProbeConfig.from_sources(None, {**FAST, "models": (_teachers(teacher_weights)[1],), "tasks": ("knn",),
                                               "data_dir": class_data, "out_dir": tmp_path / "out"}))
     assert torch.equal(torch.rand(3), expected)  # the probe's seeding did not move the caller's stream
+
+
+def test_run_probe__dense_tasks_score_each_test_image_at_its_own_target_size(tmp_path, mixed_dense_data,
+                                                                             teacher_weights):
+    model = _teachers(teacher_weights)[0]
+    config = ProbeConfig.from_sources(None, {**FAST, "models": (model,), "tasks": ("seg", "depth"),
+                                             "data_dir": mixed_dense_data, "out_dir": tmp_path / "out"})
+    results = run_probe(config).report["results"][model]
+    assert results["seg/mixed"]["num_classes"] == 3 and 0 < results["seg/mixed"]["miou"] <= 1
+    assert results["depth/mixed"]["rmse"] > 0 and 0 <= results["depth/mixed"]["delta1"] <= 1
+    # training targets resized to one size, test targets at their own sizes (ragged)
+    targets = sorted(p.name.rsplit("-", 1)[0] for p in (tmp_path / "out" / "cache").glob("targets-*"))
+    assert targets == ["targets-test-depth-native", "targets-test-mask-native", "targets-train-depth",
+                       "targets-train-mask"]

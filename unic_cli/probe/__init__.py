@@ -28,6 +28,7 @@ from unic_cli.probe.features import (
     FeatureCache,
     Job,
     ModelRef,
+    RaggedTargets,
     Split,
     check_same_classes,
     extract_features,
@@ -35,6 +36,7 @@ from unic_cli.probe.features import (
     list_class_split,
     list_dense_split,
     load_encoder,
+    load_native_targets,
     load_targets,
     normalise_model_name,
     resolve_model,
@@ -212,13 +214,13 @@ def _classification(config: ProbeConfig, refs: list[ModelRef], train: Split | No
     return results
 
 
-def _seg_classes(config: ProbeConfig, train_masks: torch.Tensor, eval_masks: torch.Tensor) -> int:
+def _seg_classes(config: ProbeConfig, train_masks: torch.Tensor, eval_masks: RaggedTargets) -> int:
     """The number of seg classes: --num-classes, else the largest label of either split plus one.
 
     Labels are counted in the evaluation masks too: a class that only the evaluation split holds must count as
     missed pixels, not vanish from pixel accuracy and mIoU.
     """
-    train_values, eval_values = _labels_in(train_masks), _labels_in(eval_masks)
+    train_values, eval_values = _labels_in(train_masks), _labels_in(eval_masks.flat_P)
     values = sorted(train_values | eval_values)
     labels = [v for v in values if v != config.ignore_index and v >= 0]
     if config.ignore_index not in values:
@@ -238,13 +240,15 @@ def _seg_classes(config: ProbeConfig, train_masks: torch.Tensor, eval_masks: tor
     return max(labels) + 1
 
 
-def _labels_in(masks_MHW: torch.Tensor) -> set[int]:
-    """The label values of uint8 masks, counted 64 images at a time (torch.unique would sort every pixel)."""
-    if masks_MHW.dtype != torch.uint8:
-        return set(torch.unique(masks_MHW).tolist())
+def _labels_in(masks: torch.Tensor) -> set[int]:
+    """The label values of uint8 masks (any shape), counted 2^24 pixels at a time (torch.unique would sort every
+    pixel, and a memory-mapped buffer is read a block at a time)."""
+    if masks.dtype != torch.uint8:
+        return set(torch.unique(masks).tolist())
+    pixels_P = masks.reshape(-1)
     counts = torch.zeros(256, dtype=torch.long)
-    for start in range(0, masks_MHW.shape[0], 64):
-        counts += torch.bincount(masks_MHW[start : start + 64].flatten(), minlength=256)
+    for start in range(0, len(pixels_P), 2**24):
+        counts += torch.bincount(pixels_P[start : start + 2**24], minlength=256)
     return set(counts.nonzero().flatten().tolist())
 
 
@@ -269,8 +273,9 @@ def _dense(config: ProbeConfig, task: str, refs: list[ModelRef], train: Split, e
     kind = "mask" if task == "seg" else "depth"
     target_args = dict(cache=cache, depth_scale=config.depth_scale, num_workers=config.num_workers,
                        progress=progress)
+    # training targets share one size (batches stack); scores use each test image's own target size (mmseg)
     train_targets = load_targets(train, kind, **target_args)
-    eval_targets = load_targets(evaluation, kind, **target_args)
+    eval_targets = load_native_targets(evaluation, kind, **target_args)
     num_classes = _seg_classes(config, train_targets, eval_targets) if task == "seg" else 0
     if task == "depth":
         _check_depth(train_targets, train, config.depth_scale)

@@ -1,10 +1,16 @@
 """Linear heads on cached patch tokens for semantic segmentation (mIoU, pixel accuracy) and depth (RMSE, delta1).
 
-Shape legend: B batch, N patch tokens (h*w), D token width, K outputs (classes or depth bins), H/W target pixels.
+Shape legend: B batch, G images of one size within a batch, N patch tokens (h*w), D token width, K outputs
+(classes or depth bins), H/W target pixels.
 
 The head is one linear map per patch token (a 1x1 convolution on the patch grid); its logits are upsampled
 bilinearly to the target's size and trained there, so the probe measures the patch tokens only. Features are
 standardised per channel with training statistics, which makes one learning rate fit every encoder.
+
+Training targets share one size (`features.load_targets`); test targets keep each image's own size
+(`features.RaggedTargets`) and are scored there, as mmsegmentation and the depth toolboxes do: each test image's
+logits are upsampled to its own mask or depth map, so every annotated pixel counts once, at the resolution it was
+annotated at.
 
 Patch features are a tensor or, when they do not fit in memory, a memory-mapped `RowStore` from the feature
 cache: each training step then reads its batch's rows from disk; both give the same numbers.
@@ -13,14 +19,20 @@ cache: each training step then reads its batch's rows from disk; both give the s
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Iterator
 from typing import Literal
 
 import torch
 import torch.nn.functional as F
 
-from unic_cli.probe.features import RowStore
+from unic_cli.probe.features import RaggedTargets, RowStore
 
 Patches = torch.Tensor | RowStore
+Targets = torch.Tensor | RaggedTargets
+
+# Most logits upsampled at once while scoring (float32: 1 GiB). ADE20K's 150 classes at a 2048 px mask are 630 M
+# values per image: such images go one at a time; CamVid's batches of 16 masks of 360x480 stay whole.
+UPSAMPLE_ELEMENTS = 2**28
 
 
 class _Head(torch.nn.Module):
@@ -31,10 +43,17 @@ class _Head(torch.nn.Module):
         self.linear = torch.nn.Linear(mean_D.shape[0], num_outputs)
         self.grid = grid
 
-    def forward(self, patch_BND: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    def grid_logits(self, patch_BND: torch.Tensor) -> torch.Tensor:
+        """Logits on the patch grid, [B, K, h, w]."""
         x_BND = (patch_BND.float() - self.mean_D) / self.std_D
-        logits_BKhw = self.linear(x_BND).transpose(1, 2).unflatten(2, self.grid)
+        return self.linear(x_BND).transpose(1, 2).unflatten(2, self.grid)
+
+    @staticmethod
+    def upsample(logits_BKhw: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
         return F.interpolate(logits_BKhw, size=size, mode="bilinear", align_corners=False)  # [B, K, H, W]
+
+    def forward(self, patch_BND: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+        return self.upsample(self.grid_logits(patch_BND), size)
 
 
 def _rows(patch_MND: Patches, idx: torch.Tensor | slice, device: torch.device) -> torch.Tensor:
@@ -95,11 +114,36 @@ def _train_head(
     return head.eval()
 
 
+def _native_batches(head: _Head, test_MND: Patches, targets: Targets, *, batch_size: int, device: torch.device,
+                    max_elements: int = UPSAMPLE_ELEMENTS) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """(logits_GKHW, targets_GHW) on `device`: each test image's logits upsampled to its own target's size.
+
+    The head runs on `batch_size` images at a time; within a batch, consecutive images of one size are upsampled
+    together (all of them when a split has one size, as before targets were kept at their own sizes), in groups
+    of at most `max_elements` logits.
+    """
+    ragged = targets if isinstance(targets, RaggedTargets) else RaggedTargets.from_dense(targets)
+    shapes = [tuple(s) for s in ragged.shapes_M2.tolist()]  # one host read for the whole split
+    num_outputs = head.linear.out_features
+    for start in range(0, len(shapes), batch_size):
+        logits_BKhw = head.grid_logits(_rows(test_MND, slice(start, start + batch_size), device))
+        stop, first = start + len(logits_BKhw), start
+        while first < stop:
+            size = shapes[first]
+            per = max(1, max_elements // max(1, num_outputs * size[0] * size[1]))
+            last = first + 1
+            while last < min(stop, first + per) and shapes[last] == size:
+                last += 1
+            yield (head.upsample(logits_BKhw[first - start : last - start], size),
+                   ragged.stack(first, last).to(device, non_blocking=True))
+            first = last
+
+
 def run_seg_probe(
     train_MND: Patches,
     train_masks_MHW: torch.Tensor,
     test_MND: Patches,
-    test_masks_MHW: torch.Tensor,
+    test_masks: Targets,
     *,
     grid: tuple[int, int],
     num_classes: int,
@@ -113,10 +157,28 @@ def run_seg_probe(
 ) -> dict[str, float]:
     """Train a linear segmentation head; mIoU over classes present in the test masks or predictions, pixel acc.
 
+    The training masks share one size (their logits are upsampled to it); `test_masks` is a [M, H, W] tensor or
+    a `RaggedTargets` of masks at their own sizes, each scored at its size: logits upsampled (bilinear) to the
+    mask, argmax, one confusion matrix over every test pixel (mmsegmentation's protocol).
     `device` defaults to the features' device (the CPU for a RowStore). Masks stay in their narrow dtype
     (uint8) on the device and are widened per batch: ADE20K's train masks as int64 would take 56 GiB.
     """
     device = _device_of(train_MND, device)
+    head = _fit_seg_head(train_MND, train_masks_MHW, grid=grid, num_classes=num_classes, ignore_index=ignore_index,
+                         num_steps=num_steps, batch_size=batch_size, lr=lr, weight_decay=weight_decay, seed=seed,
+                         device=device)
+    confusion_KK = torch.zeros(num_classes, num_classes, device=device, dtype=torch.long)
+    with torch.no_grad():
+        for logits_GKHW, true_GHW in _native_batches(head, test_MND, test_masks, batch_size=batch_size,
+                                                     device=device):
+            confusion_KK += seg_confusion(logits_GKHW.argmax(dim=1), true_GHW, num_classes=num_classes,
+                                          ignore_index=ignore_index)
+    return {**seg_scores(confusion_KK), "num_classes": num_classes}
+
+
+def _fit_seg_head(train_MND: Patches, train_masks_MHW: torch.Tensor, *, grid: tuple[int, int], num_classes: int,
+                  ignore_index: int, num_steps: int, batch_size: int, lr: float, weight_decay: float, seed: int,
+                  device: torch.device) -> _Head:
     train_masks_MHW = train_masks_MHW.to(device)
     mean_D, std_D = _channel_stats(train_MND, device)
     torch.manual_seed(seed)
@@ -125,16 +187,8 @@ def run_seg_probe(
     def loss_fn(logits_BKHW, masks_BHW):
         return F.cross_entropy(logits_BKHW, masks_BHW.long(), ignore_index=ignore_index)
 
-    head = _train_head(head, train_MND, train_masks_MHW, loss_fn, num_steps=num_steps, batch_size=batch_size,
+    return _train_head(head, train_MND, train_masks_MHW, loss_fn, num_steps=num_steps, batch_size=batch_size,
                        lr=lr, weight_decay=weight_decay, seed=seed, device=device)
-    confusion_KK = torch.zeros(num_classes, num_classes, device=device, dtype=torch.long)
-    size = tuple(test_masks_MHW.shape[-2:])
-    with torch.no_grad():
-        for start in range(0, test_MND.shape[0], batch_size):
-            pred_BHW = head(_rows(test_MND, slice(start, start + batch_size), device), size).argmax(dim=1)
-            true_BHW = test_masks_MHW[start : start + batch_size].to(device)
-            confusion_KK += seg_confusion(pred_BHW, true_BHW, num_classes=num_classes, ignore_index=ignore_index)
-    return {**seg_scores(confusion_KK), "num_classes": num_classes}
 
 
 def seg_confusion(pred_BHW: torch.Tensor, true_BHW: torch.Tensor, *, num_classes: int, ignore_index: int
@@ -166,7 +220,7 @@ def run_depth_probe(
     train_MND: Patches,
     train_depth_MHW: torch.Tensor,
     test_MND: Patches,
-    test_depth_MHW: torch.Tensor,
+    test_depth: Targets,
     *,
     grid: tuple[int, int],
     num_bins: int = 256,
@@ -181,11 +235,32 @@ def run_depth_probe(
 
     Pixels with depth <= 0 (or non-finite) are invalid and ignored. With bins, the prediction is the
     softmax-weighted mean of the bin centres (uniform between the training minimum and maximum), as in the
-    linear depth probes of DINOv2. Returns RMSE, abs_rel and delta1 (share of pixels with
-    max(pred/true, true/pred) < 1.25), each computed per test image over its valid pixels and averaged over
-    the images (`depth_errors`); NaN when no test image has a valid pixel.
+    linear depth probes of DINOv2. The training maps share one size; `test_depth` is a [M, H, W] tensor or a
+    `RaggedTargets` of maps at their own sizes, each predicted at its size (logits upsampled bilinearly, then
+    the prediction). Returns RMSE, abs_rel and delta1 (share of pixels with max(pred/true, true/pred) < 1.25),
+    each computed per test image over its valid pixels and averaged over the images (`depth_errors`); NaN when
+    no test image has a valid pixel.
     """
     device = _device_of(train_MND, device)
+    head, predict, mode = _fit_depth_head(train_MND, train_depth_MHW, grid=grid, num_bins=num_bins,
+                                          num_steps=num_steps, batch_size=batch_size, lr=lr,
+                                          weight_decay=weight_decay, seed=seed, device=device)
+    sums_3 = torch.zeros(3, device=device, dtype=torch.float64)
+    num_scored = torch.zeros((), device=device, dtype=torch.long)
+    with torch.no_grad():
+        for logits_GKHW, true_GHW in _native_batches(head, test_MND, test_depth, batch_size=batch_size,
+                                                     device=device):
+            errors_G3, scored_G = depth_errors(predict(logits_GKHW), true_GHW)
+            sums_3 += (errors_G3 * scored_G[:, None]).sum(dim=0)
+            num_scored += scored_G.sum()
+    rmse, abs_rel, delta1 = (sums_3 / num_scored).tolist() if int(num_scored) else [float("nan")] * 3
+    return {"rmse": rmse, "abs_rel": abs_rel, "delta1": delta1, "head": mode}
+
+
+def _fit_depth_head(train_MND: Patches, train_depth_MHW: torch.Tensor, *, grid: tuple[int, int], num_bins: int,
+                    num_steps: int, batch_size: int, lr: float, weight_decay: float, seed: int, device: torch.device
+                    ) -> tuple[_Head, Callable[[torch.Tensor], torch.Tensor], Literal["bins", "regression"]]:
+    """The trained head, logits_BKHW -> depth_BHW (clamped to the training range), and the head's mode."""
     train_depth_MHW = train_depth_MHW.to(device).float()
     valid_train = torch.isfinite(train_depth_MHW) & (train_depth_MHW > 0)
     low, high = train_depth_MHW[valid_train].min(), train_depth_MHW[valid_train].max()
@@ -197,8 +272,10 @@ def run_depth_probe(
 
     def predict(logits_BKHW):
         if mode == "bins":
-            return (logits_BKHW.softmax(dim=1) * centres_K[None, :, None, None]).sum(dim=1)
-        return logits_BKHW[:, 0] * high  # regression targets are depth / max depth
+            depth_BHW = (logits_BKHW.softmax(dim=1) * centres_K[None, :, None, None]).sum(dim=1)
+        else:
+            depth_BHW = logits_BKHW[:, 0] * high  # regression targets are depth / max depth
+        return depth_BHW.clamp(low, high)
 
     def loss_fn(logits_BKHW, depth_BHW):
         valid = torch.isfinite(depth_BHW) & (depth_BHW > 0)
@@ -211,17 +288,7 @@ def run_depth_probe(
 
     head = _train_head(head, train_MND, train_depth_MHW, loss_fn, num_steps=num_steps, batch_size=batch_size,
                        lr=lr, weight_decay=weight_decay, seed=seed, device=device)
-    sums_3 = torch.zeros(3, device=device, dtype=torch.float64)
-    num_scored = torch.zeros((), device=device, dtype=torch.long)
-    size = tuple(test_depth_MHW.shape[-2:])
-    with torch.no_grad():
-        for start in range(0, test_MND.shape[0], batch_size):
-            pred_BHW = predict(head(_rows(test_MND, slice(start, start + batch_size), device), size)).clamp(low, high)
-            errors_B3, scored_B = depth_errors(pred_BHW, test_depth_MHW[start : start + batch_size].to(device))
-            sums_3 += (errors_B3 * scored_B[:, None]).sum(dim=0)
-            num_scored += scored_B.sum()
-    rmse, abs_rel, delta1 = (sums_3 / num_scored).tolist() if int(num_scored) else [float("nan")] * 3
-    return {"rmse": rmse, "abs_rel": abs_rel, "delta1": delta1, "head": mode}
+    return head, predict, mode
 
 
 def depth_errors(pred_BHW: torch.Tensor, true_BHW: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

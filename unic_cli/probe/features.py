@@ -15,7 +15,8 @@ weights file size/mtime, dataset folder + file list fingerprint, resolution, fea
 Each cache entry is a folder of row chunks written while the pass runs (`FeatureStore`), so an interrupted
 extraction (hours on ImageNet) resumes after its last whole chunk, and at most one chunk per model is held in
 memory. Probes read entries lazily (`Features`): one model's features at a time, dense patch tokens
-memory-mapped (`RowStore`), since they do not fit in memory at scale.
+memory-mapped (`RowStore`), since they do not fit in memory at scale. Dense targets: training splits at one
+size ([M, H, W]), test splits at each image's own size (`RaggedTargets`, memory-mapped), where they are scored.
 """
 
 from __future__ import annotations
@@ -285,7 +286,9 @@ def _resize_target(array: np.ndarray, size: tuple[int, int]) -> np.ndarray:
 
 
 class _TargetDataset(torch.utils.data.Dataset):
-    def __init__(self, targets: Sequence[Path], kind: str, size: tuple[int, int], depth_scale: float) -> None:
+    """Targets read in loader workers, resized (nearest) to `size`, or at their own size when `size` is None."""
+
+    def __init__(self, targets: Sequence[Path], kind: str, size: tuple[int, int] | None, depth_scale: float) -> None:
         self.targets, self.kind, self.size, self.depth_scale = list(targets), kind, size, depth_scale
 
     def __len__(self) -> int:
@@ -293,7 +296,77 @@ class _TargetDataset(torch.utils.data.Dataset):
 
     def __getitem__(self, index: int) -> torch.Tensor:
         array = read_target(self.targets[index], self.kind, depth_scale=self.depth_scale)
-        return torch.from_numpy(_resize_target(array, self.size).copy())
+        return torch.from_numpy((array if self.size is None else _resize_target(array, self.size)).copy())
+
+
+def _narrow_mask(mask: torch.Tensor) -> torch.Tensor:
+    """uint8 when the labels allow it (8x less disk and memory than int64), else int32."""
+    fits = bool((mask >= 0).all()) and bool((mask <= 255).all())
+    return mask.to(torch.uint8 if fits else torch.int32)
+
+
+@dataclass(frozen=True, eq=False)
+class RaggedTargets:
+    """Masks or depth maps of one split, each at its own size: one flat buffer, no padding to the largest.
+
+    Image i is `flat_P[offsets_M[i] : offsets_M[i] + H * W]` in row-major order, with (H, W) = `shapes_M2[i]`.
+    A split of one size costs what a [M, H, W] tensor does; ADE20K's val masks (up to 2048 px a side) cost
+    their pixels, where a tensor padded to the largest would cost M * 2048^2. Read from the cache, `flat_P` is
+    memory-mapped: an image's pixels are read when it is scored.
+
+    Attributes:
+        flat_P: every pixel (P in all): uint8 or int32 masks, float32 depth in metres.
+        offsets_M: int64 start of each image in `flat_P`.
+        shapes_M2: int64 (H, W) of each image.
+    """
+
+    flat_P: torch.Tensor
+    offsets_M: torch.Tensor
+    shapes_M2: torch.Tensor
+
+    @classmethod
+    def from_images(cls, images: Sequence[torch.Tensor]) -> RaggedTargets:
+        """Copy [H, W] tensors of any sizes into one buffer."""
+        shapes_M2 = torch.tensor([tuple(t.shape) for t in images], dtype=torch.int64).reshape(-1, 2)
+        sizes_M = shapes_M2.prod(dim=1)
+        flat_P = torch.cat([t.reshape(-1) for t in images]) if images else torch.empty(0)
+        return cls(flat_P, sizes_M.cumsum(0) - sizes_M, shapes_M2)
+
+    @classmethod
+    def from_dense(cls, targets_MHW: torch.Tensor) -> RaggedTargets:
+        """A [M, H, W] tensor as ragged targets of one size, without a copy (on its device)."""
+        num, height, width = targets_MHW.shape
+        offsets_M = torch.arange(num, dtype=torch.int64) * (height * width)
+        return cls(targets_MHW.reshape(-1), offsets_M, torch.tensor([[height, width]] * num).reshape(-1, 2))
+
+    def __len__(self) -> int:
+        return len(self.offsets_M)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.flat_P.dtype
+
+    def __getitem__(self, rows: torch.Tensor | slice) -> RaggedTargets:
+        """Some of the images (a bool mask, indices or a slice), sharing the buffer: no pixel is copied."""
+        return RaggedTargets(self.flat_P, self.offsets_M[rows], self.shapes_M2[rows])
+
+    def image(self, index: int) -> torch.Tensor:
+        height, width = self.shapes_M2[index].tolist()
+        start = int(self.offsets_M[index])
+        return self.flat_P[start : start + height * width].view(height, width)
+
+    def stack(self, first: int, stop: int) -> torch.Tensor:
+        """Images first..stop-1 as one [G, H, W] tensor; they must share a size. A view of the buffer when they
+        lie one after the other in it (always for a split read from the cache), else a copy."""
+        shapes_G2 = self.shapes_M2[first:stop]
+        height, width = shapes_G2[0].tolist()
+        if not bool((shapes_G2 == shapes_G2[0]).all()):
+            raise ValueError(f"images {first}-{stop - 1} differ in size: {shapes_G2.tolist()}")
+        offsets_G = self.offsets_M[first:stop]
+        begin, pixels = int(offsets_G[0]), height * width
+        if bool((offsets_G == begin + torch.arange(len(offsets_G)) * pixels).all()):
+            return self.flat_P[begin : begin + len(offsets_G) * pixels].view(-1, height, width)
+        return torch.stack([self.image(i) for i in range(first, stop)])
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -682,6 +755,39 @@ def _read_header(path: Path) -> tuple[dict, int]:
     return header, 8 + length
 
 
+def _safetensors_buffers(arrays: dict[str, list[np.ndarray]], metadata: dict[str, str]) -> list:
+    """A safetensors file as buffers to write one after the other: each tensor is its arrays concatenated along
+    the first axis, without making that concatenated copy (nor a serialised one, as the library's `save` would)."""
+    header: dict[str, dict] = {"__metadata__": metadata}
+    buffers, offset = [], 0
+    for name, parts in arrays.items():
+        size = sum(a.nbytes for a in parts)
+        header[name] = {"dtype": _SAFETENSORS_DTYPES[parts[0].dtype], "data_offsets": [offset, offset + size],
+                        "shape": [sum(len(a) for a in parts), *parts[0].shape[1:]]}
+        buffers += [np.ascontiguousarray(a).reshape(-1).view(np.uint8).data for a in parts if a.size]
+        offset += size
+    raw = json.dumps(header, separators=(",", ":")).encode()
+    raw += b" " * (-len(raw) % 8)  # the data starts 8-byte aligned, as safetensors writes it
+    return [struct.pack("<Q", len(raw)) + raw, *buffers]
+
+
+def _map_safetensors(path: Path) -> dict[str, np.ndarray]:
+    """Every tensor of a safetensors file, memory-mapped (copy-on-write: writable for torch, the file never is).
+
+    Raises OSError or ValueError when the file is missing or damaged.
+    """
+    header, offset = _read_header(path)
+    out = {}
+    for name, info in header.items():
+        if name == "__metadata__":
+            continue
+        begin, end = info["data_offsets"]
+        dtype, shape = _NUMPY_DTYPES[info["dtype"]], tuple(info["shape"])
+        out[name] = (np.memmap(path, dtype=dtype, mode="c", offset=offset + begin, shape=shape)
+                     if end > begin else np.empty(shape, dtype=dtype))
+    return out
+
+
 class FeatureStore:
     """One cache entry: a folder of row chunks `rows-<start>-<end>.safetensors`, then `complete.json`.
 
@@ -735,19 +841,9 @@ class FeatureStore:
         """
         parts = {k: [v] if isinstance(v, torch.Tensor) else list(v) for k, v in tensors.items()}
         end = start + sum(len(v) for v in next(iter(parts.values())))
-        header: dict[str, dict] = {"__metadata__": {"key": self.key, "start": str(start), "end": str(end)}}
-        buffers, offset = [], 0
-        for name, batches in parts.items():
-            arrays = [b.detach().cpu().contiguous().numpy() for b in batches]
-            size = sum(a.nbytes for a in arrays)
-            header[name] = {"dtype": _SAFETENSORS_DTYPES[arrays[0].dtype], "data_offsets": [offset, offset + size],
-                            "shape": [sum(len(a) for a in arrays), *arrays[0].shape[1:]]}
-            buffers += [a.reshape(-1).view(np.uint8).data for a in arrays if a.size]
-            offset += size
-        raw = json.dumps(header, separators=(",", ":")).encode()
-        raw += b" " * (-len(raw) % 8)  # the data starts 8-byte aligned, as safetensors writes it
+        arrays = {name: [b.detach().cpu().contiguous().numpy() for b in batches] for name, batches in parts.items()}
         _write_atomic(self.folder / _CHUNK_NAME.format(start, end),
-                      [struct.pack("<Q", len(raw)) + raw, *buffers], what)
+                      _safetensors_buffers(arrays, {"key": self.key, "start": str(start), "end": str(end)}), what)
 
     def finish(self, rows: int, meta: dict) -> None:
         _write_atomic(self.folder / _COMPLETE, json.dumps({"rows": rows, **meta}, default=str).encode(), "metadata")
@@ -756,15 +852,7 @@ class FeatureStore:
         """Every feature as memory-mapped chunk arrays (copy-on-write: writable for torch, the file never is)."""
         out: dict[str, list[np.ndarray]] = {}
         for _, _, path in self.chunks():
-            header, offset = _read_header(path)
-            for name, info in header.items():
-                if name == "__metadata__":
-                    continue
-                begin, end = info["data_offsets"]
-                dtype = _NUMPY_DTYPES[info["dtype"]]
-                shape = tuple(info["shape"])
-                array = (np.memmap(path, dtype=dtype, mode="c", offset=offset + begin, shape=shape)
-                         if end > begin else np.empty(shape, dtype=dtype))
+            for name, array in _map_safetensors(path).items():
                 out.setdefault(name, []).append(array)
         return out
 
@@ -803,11 +891,15 @@ class FeatureCache:
         key = _digest({"v": FEATURE_VERSION, "model": ref.identity, "data": split.fingerprint, "kind": kind})
         return self.root / f"{_slug(ref.name)}-{split.name}-{_slug(kind)}-{key}"
 
-    def target_path(self, split: Split, kind: str, size: tuple[int, int], depth_scale: float) -> Path:
+    def target_path(self, split: Split, kind: str, size: tuple[int, int] | None, depth_scale: float) -> Path:
+        """The cache file of a split's targets: resized to `size` ([M, H, W]), or at their own sizes when `size` is
+        None (`RaggedTargets`, another layout under another key and name: never read as the other)."""
         # "png8": depth targets cached before 8-bit PNGs were refused may hold such maps: read them again
         extra = {"scale": depth_scale, "png8": "refused"} if kind == "depth" else {"scale": None}
-        key = _digest({"v": FEATURE_VERSION, "data": split.fingerprint, "kind": kind, "size": size, **extra})
-        return self.root / f"targets-{split.name}-{kind}-{key}.safetensors"
+        layout = {} if size is not None else {"layout": "ragged"}
+        key = _digest({"v": FEATURE_VERSION, "data": split.fingerprint, "kind": kind, "size": size, **extra, **layout})
+        name = kind if size is not None else f"{kind}-native"
+        return self.root / f"targets-{split.name}-{name}-{key}.safetensors"
 
     @staticmethod
     def features(path: Path) -> Features | None:
@@ -1078,8 +1170,9 @@ def load_targets(split: Split, kind: Literal["mask", "depth"], *, cache: Feature
                  num_workers: int, progress: ProgressFn = _no_progress) -> torch.Tensor:
     """Masks (uint8 or int32) or depth maps (float32) of a dense split, all at the first target's size, cached.
 
-    Masks keep their native resolution (predictions are upsampled to it); a split whose targets differ in size
-    is resized (nearest) to the first one's, so every pixel counts once in the metrics.
+    For training: a split whose targets differ in size is resized (nearest: no label or depth is invented) to
+    the first one's, so batches stack (as training crops or resizes in the segmentation toolboxes). Scores use
+    `load_native_targets`.
     """
     size = tuple(read_target(split.targets[0], kind, depth_scale=depth_scale).shape)
     path = cache.target_path(split, kind, size, depth_scale)
@@ -1094,9 +1187,8 @@ def load_targets(split: Split, kind: Literal["mask", "depth"], *, cache: Feature
     label = f"{split.name}: {'masks' if kind == 'mask' else 'depth maps'}"
     for batch in loader:
         # narrowed per batch: int64 masks of a whole split (ADE20K train: 56 GiB) never exist at once
-        if kind == "mask":  # uint8 when the labels allow it: 8x less disk and memory than int64
-            fits = bool((batch >= 0).all()) and bool((batch <= 255).all())
-            batch = batch.to(torch.uint8 if fits else torch.int32)
+        if kind == "mask":
+            batch = _narrow_mask(batch)
         chunks.append(batch.float() if kind == "depth" else batch)
         done += len(batch)
         progress(label, done, len(split.targets))
@@ -1104,3 +1196,53 @@ def load_targets(split: Split, kind: Literal["mask", "depth"], *, cache: Feature
     targets = torch.cat([c.to(torch.int32) for c in chunks] if wide else chunks)
     cache.save(path, {"targets": targets}, {"split": str(split.root), "size": size})
     return targets
+
+
+def load_native_targets(split: Split, kind: Literal["mask", "depth"], *, cache: FeatureCache, depth_scale: float,
+                        num_workers: int, progress: ProgressFn = _no_progress) -> RaggedTargets:
+    """Masks (uint8 or int32) or depth maps (float32) of a dense split, each at its own size, cached.
+
+    The test targets: mmsegmentation (ADE20K, Pascal VOC) and the depth toolboxes (NYU, KITTI) score every image
+    at the resolution of its annotation. Stored ragged (`RaggedTargets`: one flat buffer plus offsets and shapes)
+    in one safetensors file, and memory-mapped from it.
+    """
+    path = cache.target_path(split, kind, None, depth_scale)
+    cached = _load_ragged(path, len(split.targets))
+    if cached is not None:
+        return cached
+    if kind == "depth":  # in this process: one clear error naming the files, not one from a loader worker
+        check_depth_files(split.targets, depth_scale=depth_scale)
+    loader = torch.utils.data.DataLoader(_TargetDataset(split.targets, kind, None, depth_scale), batch_size=32,
+                                         num_workers=num_workers, collate_fn=list)
+    images: list[torch.Tensor] = []
+    label = f"{split.name}: {'masks' if kind == 'mask' else 'depth maps'}"
+    for batch in loader:
+        # narrowed per image: int64 masks of a whole split never exist at once
+        images += [_narrow_mask(t) if kind == "mask" else t.float() for t in batch]
+        progress(label, len(images), len(split.targets))
+    if any(t.dtype == torch.int32 for t in images):
+        images = [t.to(torch.int32) for t in images]
+    shapes_M2 = np.array([t.shape for t in images], dtype=np.int64).reshape(-1, 2)
+    sizes_M = shapes_M2.prod(axis=1)
+    arrays = {"flat": [t.numpy().reshape(-1) for t in images], "offsets": [np.cumsum(sizes_M) - sizes_M],
+              "shapes": [shapes_M2]}
+    meta = {"split": str(split.root), "kind": kind, "layout": "ragged"}
+    _write_atomic(path, _safetensors_buffers(arrays, {"meta": json.dumps(meta)}), "targets")
+    del images, arrays
+    return _load_ragged(path, len(split.targets))
+
+
+def _load_ragged(path: Path, num_images: int) -> RaggedTargets | None:
+    """A ragged targets file, memory-mapped; None when it is absent, damaged or not of this split's size."""
+    if not path.is_file():
+        return None
+    try:
+        arrays = _map_safetensors(path)
+        flat, offsets, shapes = arrays["flat"], arrays["offsets"], arrays["shapes"]
+        if len(offsets) != num_images or shapes.shape != (num_images, 2) or (
+                num_images and int(offsets[-1] + shapes[-1].prod()) != len(flat)):
+            raise ValueError(f"{len(offsets)} images and {len(flat)} pixels, expected {num_images} images")
+    except (OSError, ValueError, KeyError) as err:  # e.g. a file truncated by a full disk: read the targets again
+        log.warning("ignoring unreadable cache file %s (%s)", path, err)
+        return None
+    return RaggedTargets(torch.from_numpy(flat), torch.from_numpy(offsets), torch.from_numpy(shapes))
