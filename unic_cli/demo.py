@@ -186,7 +186,7 @@ def prepare_demo_data(root: Path, *, seed: int) -> dict[str, Path]:
             img.crop((x, y, x + w, y + h)).save(distill / f"{Path(name).stem}-crop{k}.png", compress_level=1)
 
     # scikit-image's LFW subset: 100 faces, then 100 non-faces (25x25 grey, values in [0, 1])
-    faces = np.load(photos / "lfw_subset.npy")
+    faces = np.load(photos / "lfw_subset.npy", allow_pickle=False)
     for i, pixels in enumerate(faces):
         split = "train" if i % 2 == 0 else "test"
         label = "face" if i < 100 else "non-face"

@@ -100,3 +100,20 @@ def test_run_zeroshot_probe__logit_scale_and_unnormalised_image_embeddings_do_no
     for scale in (1.0, 100.0):
         scaled = ClipSpace("scaled", space.encode_text, lambda s, scale=scale: scale * s)
         assert run_zeroshot_probe(summary_MD, labels, space=scaled, classes=classes)["top1"] == 1.0
+
+
+def test_run_probe__a_students_recorded_clip_spec_runs_no_foreign_code(tmp_path, class_data, student_dir, tiny_clip):
+    # A downloaded student's unic.json claims an open_clip head but records a py: spec: loading it would import and
+    # run the module, so the probe refuses before anything loads (the module would write a marker file).
+    evil = tmp_path / "evil.py"
+    marker = tmp_path / "ran"
+    evil.write_text(f"open({str(marker)!r}, 'w').write('x')\ndef build():\n    raise SystemExit\n")
+    student = _clip_student(student_dir, tiny_clip, tmp_path)
+    meta = json.loads((student / "unic.json").read_text())
+    next(t for t in meta["teachers"] if t["alias"] == "tiny_a")["spec"] = f"py:{evil}:build"
+    (student / "unic.json").write_text(json.dumps(meta))
+    config = ProbeConfig.from_sources(None, {"models": (str(student),), "tasks": ("zeroshot",), "data_dir": class_data,
+                                             "out_dir": tmp_path / "out", "num_workers": 0})
+    with pytest.raises(ProbeError, match=r"names the CLIP teacher 'py:.*evil.py:build', which is not an open_clip"):
+        run_probe(config)
+    assert not marker.exists()

@@ -107,6 +107,29 @@ def _clip_teacher_of_student(ref: ModelRef) -> dict | None:
     return None
 
 
+def _clip_spec_problem(ref: ModelRef, teacher: dict) -> str | None:
+    """Why the CLIP teacher spec recorded in a student's unic.json must not be loaded, or None.
+
+    The student folder may come from someone else: only an open_clip spec (or an alias whose card here is an
+    open_clip model) is loaded from it, never a `py:` module or an HF model with remote code, which would run
+    code the user never typed.
+    """
+    from unic_cli.errors import UnicError
+    from unic_cli.registry import get_card, parse_teacher_spec
+
+    text = teacher.get("spec") or teacher.get("alias") or ""
+    try:
+        parsed = parse_teacher_spec(text)
+        source = get_card(parsed.target).source if parsed.source == "alias" else parsed.source
+    except UnicError as err:
+        return f"student {ref.name!r}: its CLIP teacher {text!r} (unic.json) cannot be resolved here: {err}"
+    if source != "open_clip":
+        return (f"student {ref.name!r}: its unic.json names the CLIP teacher {text!r}, which is not an open_clip "
+                "model; unic loads only open_clip teachers from a student's metadata (anything else could run "
+                "code); probe that teacher yourself, or re-export the student with an open_clip --keep-heads")
+    return None
+
+
 def _check_zeroshot(refs: list[ModelRef], *, random_init: bool) -> None:
     """Every model must have a CLIP text tower (cheap check on cards and unic.json; confirmed after loading)."""
     problems = []
@@ -118,9 +141,11 @@ def _check_zeroshot(refs: list[ModelRef], *, random_init: bool) -> None:
                             "through its trained encoder and head, so it has no random-init zero-shot baseline; "
                             "drop the student from this call (a random-init CLIP teacher gives the chance level)")
         elif ref.kind == "student":
-            if _clip_teacher_of_student(ref) is None:
+            if (teacher := _clip_teacher_of_student(ref)) is None:
                 problems.append(f"student {ref.name!r} has no CLIP head: export it with `unic export RUN --out DIR "
                                 "--keep-heads CLIP_ALIAS` (a CLIP teacher it was distilled from)")
+            elif problem := _clip_spec_problem(ref, teacher):
+                problems.append(problem)
         elif ref.identity["card"]["source"] != "open_clip":
             problems.append(f"{ref.name!r} is not a CLIP model (source {ref.identity['card']['source']!r}); "
                             "zeroshot needs an open_clip teacher or a student with a kept CLIP head")

@@ -256,7 +256,7 @@ def read_target(path: Path, kind: Literal["mask", "depth"], *, depth_scale: floa
     """
     if path.suffix.lower() == ".npy":
         try:
-            array = np.load(path).astype(np.float32).squeeze()
+            array = np.load(path, allow_pickle=False).astype(np.float32).squeeze()
         except (OSError, ValueError) as err:
             raise DataError(f"cannot read depth map {str(path)!r}: {err}") from None
     else:
