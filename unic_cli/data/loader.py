@@ -260,7 +260,8 @@ class TrainLoader:
         generator = torch.Generator().manual_seed(self.seed)
         loader = torch.utils.data.DataLoader(
             self.dataset, batch_sampler=sampler, num_workers=self.num_workers, collate_fn=_collate_train,
-            pin_memory=self.pin_memory, prefetch_factor=prefetch_factor(self.batch_size, self.dataset.image_size, self.num_workers)
+            pin_memory=self.pin_memory,
+            prefetch_factor=prefetch_factor(self.batch_size, self.dataset.image_size, self.num_workers)
             if self.num_workers else None,
             persistent_workers=False, generator=generator)
         pending_skipped, empty_run, previous_BCHW = 0, 0, None
