@@ -240,3 +240,26 @@ def test_resume__keeps_the_teacher_cards_it_started_with(tiny_teachers, tiny_ima
     assert ("teacher tiny_a: its card has changed since this run started (resolution 'student' -> 'native'); the "
             "run keeps the card it started with") in caplog.text
     assert _metrics(tmp_path / "resumed") == _metrics(tmp_path / "straight")
+
+
+def test_lock__a_lock_file_unlinked_before_our_flock_is_reopened(tmp_path, monkeypatch):
+    # The holder ends (and unlinks RUN/.lock) between our open and our flock: we must not hold a lock on the
+    # orphaned file, or a third process would find no lock and run beside us.
+    (tmp_path / "r").mkdir()
+    lock = _RunLock(tmp_path / "r")
+    real_open, calls = _RunLock._open, []
+
+    def open_then_holder_exits(self):
+        fd = real_open(self)
+        if not calls:
+            self.path.unlink()  # what the ending holder's __exit__ does
+        calls.append(fd)
+        return fd
+
+    monkeypatch.setattr(_RunLock, "_open", open_then_holder_exits)
+    with lock:
+        assert len(calls) == 2 and os.path.samestat(os.fstat(lock.fd), os.stat(lock.path))
+        monkeypatch.setattr(_RunLock, "_open", real_open)
+        with pytest.raises(ConfigError, match="is in use by pid"):
+            with _RunLock(tmp_path / "r"):
+                pass

@@ -148,24 +148,38 @@ class _RunLock:
             import fcntl
         except ImportError:  # no flock on this platform: run unlocked
             return self
-        try:  # O_NOFOLLOW: a symlink planted at RUN/.lock must not make us truncate the file it points to
-            fd = os.open(self.path, os.O_RDWR | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0), 0o644)
-        except OSError as err:
-            link = " (a symbolic link: unic does not follow it; remove it)" if self.path.is_symlink() else ""
-            raise ConfigError(f"cannot open the lock file {str(self.path)!r}: {err.strerror or err}{link}") from None
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            holder = os.pread(fd, 200, 0).decode(errors="replace").strip() or "another process"
+        while True:
+            fd = self._open()
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                holder = os.pread(fd, 200, 0).decode(errors="replace").strip() or "another process"
+                os.close(fd)
+                raise ConfigError(f"run folder {str(self.path.parent)!r} is in use by {holder}; wait for it to "
+                                  "end, or choose another --out") from None
+            except OSError as err:  # a filesystem without locks (some network mounts): run unlocked
+                log.debug("cannot lock %s (%s): running without a lock", self.path, err)
+                break
+            # The holder unlinks .lock when it ends: if that happened between our open and our flock, we hold a
+            # lock on a file no longer at RUN/.lock, which a third process would not see; open the new one.
+            try:
+                same = os.path.samestat(os.fstat(fd), os.stat(self.path, follow_symlinks=False))
+            except FileNotFoundError:
+                same = False
+            if same:
+                break
             os.close(fd)
-            raise ConfigError(f"run folder {str(self.path.parent)!r} is in use by {holder}; wait for it to end, "
-                              "or choose another --out") from None
-        except OSError as err:  # a filesystem without locks (some network mounts): run unlocked
-            log.debug("cannot lock %s (%s): running without a lock", self.path, err)
         os.ftruncate(fd, 0)
         os.pwrite(fd, f"pid {os.getpid()} on {socket.gethostname()}\n".encode(), 0)
         self.fd = fd
         return self
+
+    def _open(self) -> int:
+        try:  # O_NOFOLLOW: a symlink planted at RUN/.lock must not make us truncate the file it points to
+            return os.open(self.path, os.O_RDWR | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0), 0o644)
+        except OSError as err:
+            link = " (a symbolic link: unic does not follow it; remove it)" if self.path.is_symlink() else ""
+            raise ConfigError(f"cannot open the lock file {str(self.path)!r}: {err.strerror or err}{link}") from None
 
     def __exit__(self, *exc) -> None:
         if self.fd is not None:
