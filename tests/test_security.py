@@ -330,3 +330,21 @@ def test_teachers_show__card_text_is_shown_verbatim_not_as_markup_or_escapes(tmp
     assert result.exit_code == 0, result.output
     assert "[bold red]FAKE[/]" in result.output  # printed as typed, not styled
     assert "\x1b" not in result.output and "\\x1b[31mred" in result.output  # no raw terminal escape
+
+
+def test_probe_writes__a_symlink_at_the_temporary_name_is_not_followed(tmp_path):
+    import os
+
+    from unic_cli.probe.features import _write_atomic
+    from unic_cli.probe.report import write_json
+
+    victim = tmp_path / "victim.txt"
+    victim.write_text("keep")
+    out = tmp_path / "out"
+    out.mkdir()
+    for name in ("probe.json", "chunk.safetensors"):
+        (out / f".{name}.tmp{os.getpid()}").symlink_to(victim)
+    write_json(out / "probe.json", {"a": 1})
+    _write_atomic(out / "chunk.safetensors", b"data", "features")
+    assert victim.read_text() == "keep"
+    assert (out / "probe.json").read_text().startswith("{") and (out / "chunk.safetensors").read_bytes() == b"data"

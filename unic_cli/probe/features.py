@@ -675,7 +675,8 @@ def _write_atomic(path: Path, data: bytes | Sequence[memoryview], what: str) -> 
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
     buffers = [data] if isinstance(data, bytes) else data
     try:
-        with open(tmp, "wb") as f:
+        tmp.unlink(missing_ok=True)  # "x": never write through a symlink planted at the temporary name
+        with open(tmp, "xb") as f:
             for buffer in buffers:
                 f.write(buffer)
     except OSError as err:

@@ -285,7 +285,9 @@ def _finite(value: Any) -> Any:
 def write_json(path: Path, report: dict[str, Any]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_text(json.dumps(_finite(report), indent=2, allow_nan=False) + "\n", encoding="utf-8")
+    tmp.unlink(missing_ok=True)
+    with open(tmp, "x", encoding="utf-8") as f:  # "x": never write through a symlink planted at this name
+        f.write(json.dumps(_finite(report), indent=2, allow_nan=False) + "\n")
     tmp.replace(path)
 
 
