@@ -187,15 +187,33 @@ def test_feature_store__damaged_or_foreign_chunks_are_redone(tmp_path, class_dat
         torch.testing.assert_close(again[ref.name]["summary"], plain[ref.name], rtol=0, atol=0)
 
 
-def test_run_jobs__a_full_disk_names_the_cache_and_the_fix(tmp_path, class_data, teacher_weights):
+def test_run_jobs__a_full_disk_names_the_cache_and_the_fix(tmp_path, class_data, teacher_weights, monkeypatch):
+    import builtins
+    import errno
+
+    from unic_cli.probe import features
+
     ref = resolve_model(f"timm:test_vit?image_size=32&weights={teacher_weights['test_vit']}")
     split = list_class_split(class_data / "val")
     folder = FeatureCache(tmp_path / "cache").path(ref, split, "pooled")
-    folder.mkdir(parents=True)
-    # /dev/full answers every write with ENOSPC, as a full disk does
-    (folder / f".rows-000000000-000000012.safetensors.tmp{os.getpid()}").symlink_to("/dev/full")
+
+    class FullDisk:  # a cache file on a full disk: every write fails with ENOSPC (as /dev/full answers)
+        def __init__(self, *args, **kwargs):
+            self.file = builtins.open(*args, **kwargs)
+
+        def write(self, data):
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            self.file.close()
+
+    monkeypatch.setattr(features, "open", FullDisk, raising=False)  # the cache writer's open, nothing else
     with pytest.raises(ProbeError, match=r"disk holding the feature cache .* is full .*--cache-dir.* resumes"):
         _extract([ref], [split], tmp_path / "cache")
+    monkeypatch.undo()
     from unic_cli.probe.features import Job, _check_disk
 
     with pytest.raises(ProbeError, match=r"need about .* GiB in the cache .* free"):
