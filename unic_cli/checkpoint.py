@@ -14,6 +14,7 @@ from pathlib import Path
 import torch
 
 from unic_cli.errors import CheckpointError
+from unic_cli.files import atomic_write
 
 log = logging.getLogger("unic_cli")
 
@@ -27,14 +28,8 @@ def checkpoint_dir(run_dir: Path) -> Path:
 
 
 def _atomic_torch_save(obj: dict, path: Path) -> None:
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.unlink(missing_ok=True)
-    # O_EXCL: never write through a symlink planted at the temporary name (a group-writable run folder)
-    with os.fdopen(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666), "wb") as f:
+    with atomic_write(path, durable=True) as f:  # the rename must never expose a half-written file after a crash
         torch.save(obj, f)
-        f.flush()
-        os.fsync(f.fileno())  # the rename must never expose a half-written file after a crash
-    os.replace(tmp, path)
     _fsync_dir(path.parent)
 
 

@@ -39,6 +39,7 @@ from unic_cli.devices import resolve_device
 from unic_cli import distributed
 from unic_cli.distributed import all_reduce_mean_, dist_info
 from unic_cli.errors import ConfigError, TrainingError
+from unic_cli.files import atomic_write
 from unic_cli.losses import METRIC_COLUMNS
 from unic_cli.schedule import default_warmup_steps, ema_momentum, learning_rate
 from unic_cli.train_step import build_trainer, forward_backward, global_batch_size, optimizer_step
@@ -305,12 +306,8 @@ def _trim_metrics(path: Path, step: int) -> None:
 
 
 def _write_text_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.unlink(missing_ok=True)
-    # O_EXCL: never write through a symlink planted at the temporary name (a group-writable run folder)
-    with os.fdopen(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666), "w", encoding="utf-8") as f:
+    with atomic_write(path, "w", encoding="utf-8") as f:
         f.write(text)
-    os.replace(tmp, path)
 
 
 def _metrics_line(step, loss, metrics_TM, coeff_T, config, lr, momentum, window) -> dict:

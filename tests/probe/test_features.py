@@ -191,7 +191,7 @@ def test_run_jobs__a_full_disk_names_the_cache_and_the_fix(tmp_path, class_data,
     import builtins
     import errno
 
-    from unic_cli.probe import features
+    from unic_cli import files
 
     ref = resolve_model(f"timm:test_vit?image_size=32&weights={teacher_weights['test_vit']}")
     split = list_class_split(class_data / "val")
@@ -210,7 +210,7 @@ def test_run_jobs__a_full_disk_names_the_cache_and_the_fix(tmp_path, class_data,
         def __exit__(self, *exc):
             self.file.close()
 
-    monkeypatch.setattr(features, "open", FullDisk, raising=False)  # the cache writer's open, nothing else
+    monkeypatch.setattr(files, "open", FullDisk, raising=False)  # the open of unic's atomic writes, nothing else
     with pytest.raises(ProbeError, match=r"disk holding the feature cache .* is full .*--cache-dir.* resumes"):
         _extract([ref], [split], tmp_path / "cache")
     monkeypatch.undo()

@@ -44,6 +44,7 @@ from torch import nn
 
 from unic_cli.data import IMAGE_EXTENSIONS, decode_image, list_image_folder, resize_center_crop
 from unic_cli.errors import DataError, ProbeError, UnknownTeacherError
+from unic_cli.files import atomic_write
 from unic_cli.registry import TeacherCard, TeacherSpec, parse_teacher_spec
 from unic_cli.teachers import Teacher, load_teacher, resolve_card
 
@@ -672,15 +673,12 @@ def _write_atomic(path: Path, data: bytes | Sequence[memoryview], what: str) -> 
     """Write `data` (bytes, or buffers written one after the other) through a temporary name, then rename:
     a crash never leaves a half-written file under the final name."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
     buffers = [data] if isinstance(data, bytes) else data
     try:
-        tmp.unlink(missing_ok=True)  # "x": never write through a symlink planted at the temporary name
-        with open(tmp, "xb") as f:
+        with atomic_write(path) as f:
             for buffer in buffers:
                 f.write(buffer)
     except OSError as err:
-        tmp.unlink(missing_ok=True)
         if not _disk_full(err):
             raise
         free = shutil.disk_usage(path.parent).free
@@ -688,7 +686,6 @@ def _write_atomic(path: Path, data: bytes | Sequence[memoryview], what: str) -> 
         raise ProbeError(f"the disk holding the feature cache {str(path.parent.parent)!r} is full ({_gib(free)} "
                          f"free) while writing {_gib(size)} of {what}; free some space or pass --cache-dir "
                          "on a bigger disk. Chunks already written are kept: the same command resumes") from None
-    tmp.replace(path)
 
 
 class RowStore:

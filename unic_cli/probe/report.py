@@ -20,11 +20,11 @@ from __future__ import annotations
 import json
 import logging
 import math
-import os
 from pathlib import Path
 from typing import Any
 
 from unic_cli import __version__
+from unic_cli.files import atomic_write
 
 log = logging.getLogger("unic_cli")
 
@@ -284,11 +284,8 @@ def _finite(value: Any) -> Any:
 
 def write_json(path: Path, report: dict[str, Any]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.unlink(missing_ok=True)
-    with open(tmp, "x", encoding="utf-8") as f:  # "x": never write through a symlink planted at this name
+    with atomic_write(path, "w", encoding="utf-8") as f:
         f.write(json.dumps(_finite(report), indent=2, allow_nan=False) + "\n")
-    tmp.replace(path)
 
 
 def write_report(out_dir: Path, new: dict[str, Any]) -> tuple[dict[str, Any], list[Path]]:
