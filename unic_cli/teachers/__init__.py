@@ -81,11 +81,12 @@ def load_teacher(
     current = resolve_card(spec)
     if card is None:
         card = current
-    elif changed := {k: (v, getattr(current, k)) for k, v in card.to_dict().items()
-                     if k not in ("notes", "paper") and (list(v) if isinstance(v, tuple) else v)
-                     != (list(w) if isinstance(w := getattr(current, k), tuple) else w)}:
-        log.warning("teacher %s: its card has changed since this run started (%s); the run keeps the card it "
-                    "started with", spec.text, ", ".join(f"{k} {a!r} -> {b!r}" for k, (a, b) in changed.items()))
+    else:
+        now = current.to_dict()
+        changed = {k: (v, now[k]) for k, v in card.to_dict().items() if k not in ("notes", "paper") and v != now[k]}
+        if changed:
+            log.warning("teacher %s: its card has changed since this run started (%s); the run keeps the card it "
+                        "started with", spec.text, ", ".join(f"{k} {a!r} -> {b!r}" for k, (a, b) in changed.items()))
     try:
         backbone = _adapter(card.source).build_backbone(card, spec, pretrained=pretrained)
     except WeightsError as err:
