@@ -125,7 +125,7 @@ class CommandConfig:
     @classmethod
     def from_sources(cls: type[C], config_file: Path | None = None, flags: dict[str, Any] | None = None) -> C:
         """Layer defaults < TOML file < given flags, reject unknown keys, coerce types, then validate()."""
-        hints = typing.get_type_hints(cls)
+        hints = _type_hints(cls)
         names = [f.name for f in fields(cls)]
         values: dict[str, Any] = {}
         problems: list[str] = []
@@ -194,7 +194,7 @@ class CommandConfig:
     @classmethod
     def from_dict(cls: type[C], raw: dict[str, Any]) -> C:
         """Rebuild from `to_dict()` output (e.g. the config stored in a checkpoint), without re-validating."""
-        hints = typing.get_type_hints(cls)
+        hints = _type_hints(cls)
         names = {f.name for f in fields(cls)}
         return cls(**{k: _coerce(k, hints[k], v) for k, v in raw.items() if k in names})
 
