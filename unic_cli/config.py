@@ -194,9 +194,8 @@ class CommandConfig:
     @classmethod
     def from_dict(cls: type[C], raw: dict[str, Any]) -> C:
         """Rebuild from `to_dict()` output (e.g. the config stored in a checkpoint), without re-validating."""
-        hints = _type_hints(cls)
         names = {f.name for f in fields(cls)}
-        return cls(**{k: _coerce(k, hints[k], v) for k, v in raw.items() if k in names})
+        return cls(**{k: v for k, v in raw.items() if k in names})  # __post_init__ coerces
 
 
 @dataclass(frozen=True, kw_only=True)
