@@ -182,10 +182,10 @@ class _EpochBatches:
     """
 
     def __init__(self, *, num_images: int, batch_size: int, rank: int, world_size: int, seed: int,
-                 start_epoch: int, start_step: int, order_fn=None, accum_steps: int = 1) -> None:
+                 start_epoch: int, start_step: int, steps_per_epoch: int, order_fn=None) -> None:
         self.num_images, self.batch_size, self.rank, self.world_size = num_images, batch_size, rank, world_size
         self.seed, self.start_epoch, self.start_step = seed, start_epoch, start_step
-        self.steps_per_epoch = steps_per_epoch(num_images, batch_size * world_size, accum_steps)
+        self.steps_per_epoch = steps_per_epoch  # the loader's (`steps_per_epoch()`): whole optimiser steps
         self.order_fn = order_fn  # a source's own epoch order (parquet: block shuffle), from the same generator
 
     def epoch_order(self, epoch: int) -> np.ndarray:
@@ -215,7 +215,6 @@ class TrainLoader:
                  rank: int, world_size: int, pin_memory: bool, accum_steps: int = 1) -> None:
         self.dataset, self.batch_size, self.num_workers = dataset, batch_size, num_workers
         self.seed, self.rank, self.world_size, self.pin_memory = seed, rank, world_size, pin_memory
-        self.accum_steps = accum_steps
         self.num_images = len(dataset)
         self.steps_per_epoch = steps_per_epoch(self.num_images, batch_size * world_size, accum_steps)
         self.epoch, self.batch_index = 0, 0
@@ -253,7 +252,7 @@ class TrainLoader:
     def __iter__(self) -> Iterator[Batch]:
         sampler = _EpochBatches(num_images=self.num_images, batch_size=self.batch_size, rank=self.rank,
                                 world_size=self.world_size, seed=self.seed, start_epoch=self.epoch,
-                                start_step=self.batch_index, accum_steps=self.accum_steps,
+                                start_step=self.batch_index, steps_per_epoch=self.steps_per_epoch,
                                 order_fn=getattr(self.dataset.source, "epoch_order", None))
         # An explicit generator: the DataLoader draws its workers' base seed from it, not from the global RNG
         # (which the training loop owns: drop path, initialisation). Nothing here depends on that seed anyway.
