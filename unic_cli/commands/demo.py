@@ -17,7 +17,8 @@ _D = DemoConfig.field_defaults()
 @click.option("--steps", type=int, help=f"Distillation steps of 32 images.  [default: {_D['steps']}]")
 @click.option("--device", help=f"auto, cpu, cuda or cuda:N.  [default: {_D['device']}]")
 @click.option("--seed", type=int, help=f"[default: {_D['seed']}]")
-@click.option("--overwrite", is_flag=True, default=None, help="Replace an earlier demo in --out.")
+@click.option("--overwrite", is_flag=True, default=None,
+              help="Replace an earlier demo in --out (only a folder `unic demo` wrote).")
 def demo(**flags) -> None:
     """Distill, export and probe real teachers, offline, in a few minutes on a laptop CPU.
 

@@ -53,7 +53,9 @@ _FLAGS = [
     (("--warmup-steps",), dict(type=int, help="Linear warm-up steps  [default: 5% of training].")),
     (("--weight-decay",), dict(type=float, help=_help("AdamW weight decay.", "weight_decay"))),
     (("--grad-clip",), dict(type=float, help=_help("Max gradient norm; 0 is off.", "grad_clip"))),
-    (("--grad-accum-steps",), dict(type=int, help=_help("Micro-batches per optimiser step.", "grad_accum_steps"))),
+    (("--grad-accum-steps",), dict(type=int, help=_help(
+        "Micro-batches per optimiser step: trains like a batch this many times larger (standardisation aside, "
+        "docs/distill.md).", "grad_accum_steps"))),
     (("--drop-path-rate",), dict(type=float, help=_help("Student stochastic depth.", "drop_path_rate"))),
     (("--ema-momentum-start",), dict(type=float, help=_help("Standardisation EMA momentum at step 0.",
                                                             "ema_momentum_start"))),
@@ -105,12 +107,14 @@ def _config_options(fn=None, *, hidden: tuple[str, ...] = (), helps: dict[str, s
 @click.command(context_settings={"max_content_width": 110})
 @click.argument("more_teachers", nargs=-1, metavar="")
 @click.option("--teachers", "-t", multiple=True, metavar="SPEC [SPEC ...]",
-              help="Teachers: registry aliases (`unic teachers`) or explicit specs, several after one flag.")
+              help="Teachers: registry aliases (`unic teachers`) or explicit specs, several after one flag; "
+                   "SPEC?resolution=native feeds a ViT teacher its own image size.")
 @_config_options
 @click.option("--config", "config_file", type=click.Path(dir_okay=False, path_type=Path),
               help="TOML setting any field (e.g. a run's config.toml); flags override it.")
 @click.option("--resume", is_flag=True, help="Continue the run in --out exactly where it stopped.")
-@click.option("--overwrite", is_flag=True, help="Replace an earlier run in --out.")
+@click.option("--overwrite", is_flag=True,
+              help="Replace an earlier run in --out (only a unic run folder; deleted once the new run is built).")
 @click.option("--dry-run", is_flag=True, help="Validate and print shapes, sizes, FLOPs and memory; load no weights.")
 @click.option("--json", "as_json", is_flag=True, help="With --dry-run: print the plan as JSON.")
 @registry_option
