@@ -9,9 +9,13 @@ from unic_cli.config import BenchConfig
 
 
 @pytest.mark.parametrize(("name", "peak"), [("NVIDIA H100 80GB HBM3", 989e12), ("NVIDIA H100 PCIe", 756e12),
-                                            ("NVIDIA H200", 989e12), ("NVIDIA L40S", 362e12), ("NVIDIA L4", 121e12),
+                                            ("NVIDIA H100 NVL", 835e12), ("NVIDIA H200", 989e12),
+                                            ("NVIDIA GH200 480GB", 989e12), ("NVIDIA A100-SXM4-80GB", 312e12),
+                                            ("NVIDIA L40S", 362e12), ("NVIDIA L40", 181e12), ("NVIDIA L4", 121e12),
+                                            ("NVIDIA A10", 125e12), ("NVIDIA A10G", None),
+                                            ("NVIDIA GeForce RTX 4090", 165e12), ("NVIDIA GeForce RTX 4080", None),
                                             ("Some Future GPU", None)])
-def test_bf16_peak_flops__more_specific_names_win(name, peak):
+def test_bf16_peak_flops__whole_words_and_more_specific_names_win(name, peak):
     assert bf16_peak_flops(name) == peak
 
 
@@ -31,11 +35,13 @@ def test_run_bench__sweeps_batch_sizes_on_real_data_and_reports_the_split(tiny_t
 
 @pytest.mark.parametrize("name, kind", [
     ("nvjet_tst_256x128_64x4_2x1_v_bz_coopA_TNT", "matmul"),  # cuBLAS on an H100
-    ("sm90_xmma_gemm_bf16bf16_bf16f32_f32_tn_n_tilesize128x256x64_warpgroupsize2x1x1_execute_segment_k_off_kernel__5x_cublas", "matmul"),
+    ("sm90_xmma_gemm_bf16bf16_bf16f32_f32_tn_n_tilesize128x256x64_warpgroupsize2x1x1_"
+     "execute_segment_k_off_kernel__5x_cublas", "matmul"),
     ("triton_tem_fused_addmm_gelu_3", "matmul"),  # inductor's matmul template with a fused epilogue
     ("aten::baddbmm", "matmul"),
     ("aten::mkldnn_convolution", "matmul"),
-    ("void pytorch_flash::flash_fwd_kernel<Flash_fwd_kernel_traits<64, 128, 128, 4, false, false, cutlass::bfloat16_t>>", "attention"),
+    ("void pytorch_flash::flash_fwd_kernel<Flash_fwd_kernel_traits<64, 128, 128, 4, false, false, "
+     "cutlass::bfloat16_t>>", "attention"),
     ("aten::_scaled_dot_product_flash_attention_for_cpu", "attention"),
     ("triton_poi_fused__scaled_dot_product_flash_attention_add_0", "fused elementwise"),
     ("triton_red_fused_native_layer_norm_1", "fused elementwise"),

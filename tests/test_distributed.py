@@ -148,3 +148,70 @@ def test_torchrun__a_rank_that_fails_does_not_leave_the_other_hanging(tiny_teach
     assert "No readable image in a whole epoch for rank" in out
     assert "lost contact with the other processes, most likely because one of them failed" in out
     assert "]: Traceback" not in out  # neither worker prints a traceback (torchrun itself still does)
+
+
+CRASH_ONCE = '''
+import os
+from pathlib import Path
+
+from torch import nn
+
+
+class CrashOnce(nn.Module):
+    """A tiny ConvNet teacher whose rank-1 copy kills its process once, at the first forward after the step-2
+    checkpoint exists: a worker lost mid-run."""
+
+    unic_card = {"family": "convnet", "image_size": 64, "patch_size": 8, "mean": [0.5, 0.5, 0.5],
+                 "std": [0.25, 0.25, 0.25], "summary_from": "pool", "license": "mit"}
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 12, kernel_size=8, stride=8)
+
+    def forward(self, x):
+        after, marker = Path(os.environ["CRASH_AFTER"]), Path(os.environ["CRASH_MARKER"])
+        if os.environ.get("RANK") == "1" and after.exists() and not marker.exists():
+            marker.touch()
+            os._exit(3)
+        fmap = self.conv(x)
+        return {"summary": fmap.mean(dim=(2, 3)), "patch": fmap}
+
+
+def build(pretrained=False):
+    return CrashOnce()
+'''
+
+
+@pytest.mark.slow  # torchrun with 2 processes, started twice: about 40 s on 2 busy cores
+def test_torchrun__max_restarts_with_auto_resume_continues_after_a_lost_worker(tiny_teachers, tiny_images,
+                                                                                tmp_path):
+    module = tmp_path / "crash_once.py"
+    module.write_text(CRASH_ONCE)
+    out = tmp_path / "r"
+    args = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "--max-restarts=1",
+            "-m", "unic_cli", "distill", "--teachers", tiny_teachers[0], f"py:{module}:build", "--data",
+            str(tiny_images), "--out", str(out), "--auto-resume", *_flags(batch_size=2, **COMMON)]
+    # without the variable, torch 2.14's restarted gloo workers read stale addresses about every other time
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "CRASH_MARKER": str(tmp_path / "crashed"),
+           "CRASH_AFTER": str(out / "checkpoints" / "step_0000002.pt"), "TORCH_DISABLE_SHARE_RDZV_TCP_STORE": "1"}
+    proc = subprocess.run(args, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert (tmp_path / "crashed").exists()  # the worker was lost, torchrun restarted both, the run went on
+    assert "resuming" in proc.stdout + proc.stderr and "shared rendezvous store" not in proc.stdout + proc.stderr
+    assert [r["step"] for r in _rows(out)] == [1, 2, 3, 4]  # steps after the checkpoint are logged once
+    ckpt = torch.load(out / "checkpoints" / "last.pt", weights_only=True)
+    assert ckpt["step"] == 4 and ckpt["scheduler"]["world_size"] == 2
+
+
+@pytest.mark.parametrize(("env", "warned"), [
+    ({"TORCHELASTIC_MAX_RESTARTS": "3", "TORCHELASTIC_USE_AGENT_STORE": "True"}, True),
+    ({"TORCHELASTIC_MAX_RESTARTS": "3", "TORCHELASTIC_USE_AGENT_STORE": "False"}, False),  # the variable is set
+    ({"TORCHELASTIC_MAX_RESTARTS": "0", "TORCHELASTIC_USE_AGENT_STORE": "True"}, False),
+    ({}, False),
+])
+def test_restart_store_problem__names_the_variable_only_when_restarts_share_the_store(env, warned):
+    from unic_cli.distributed import restart_store_problem
+
+    problem = restart_store_problem(env)
+    assert (problem is not None) == warned
+    assert not warned or "export TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1" in problem

@@ -176,6 +176,16 @@ def test_export_student__provenance_and_model_card(tmp_path, make_unic_checkpoin
     assert "https://arxiv.org/abs/2408.17064" in card and "2407.21064" not in card  # the UNIC paper
 
 
+@pytest.mark.parametrize("content", [b"{not json", b"\xff\xfe not utf-8"])
+def test_export_student__unreadable_probe_report_is_ignored_with_a_warning(tmp_path, make_unic_checkpoint, caplog,
+                                                                            content):
+    run = make_unic_checkpoint().parent.parent
+    (run / "probe.json").write_bytes(content)
+    with caplog.at_level("WARNING", logger="unic_cli"):
+        card = (export_student(run, tmp_path / "student") / "README.md").read_text()
+    assert "ignoring unreadable probe report" in caplog.text and "## Probe report" not in card
+
+
 def _set_schedule(ckpt_path, *, step: int, total_steps: int):
     """Rewrite a hand-made checkpoint's step and scheduler as `unic distill` records them."""
     ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=True)

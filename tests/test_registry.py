@@ -116,6 +116,16 @@ def test_apply_overrides__converts_and_revalidates():
         registry.apply_overrides(get_card("dinov2_g"), {"image_size": "450"}, origin="t")
 
 
+@pytest.mark.parametrize(("key", "value", "fix"), [
+    ("image_size", "big", "give an integer$"),
+    ("summary_dim", "wide", "give an integer, or none$"),
+    ("mean", "0.5,x,0.5", r"give comma-separated numbers, e.g. 0\.5,0\.5,0\.5$"),
+])
+def test_apply_overrides__a_value_of_the_wrong_type_names_the_expected_form(key, value, fix):
+    with pytest.raises(RegistryError, match=rf"option {key}='{value}' is not a valid {key}; {fix}"):
+        registry.apply_overrides(get_card("dinov2_g"), {key: value}, origin="t")
+
+
 def test_card__dict_round_trip():
     card = get_card("metaclip_h")
     assert TeacherCard.from_dict(card.to_dict()) == card
@@ -167,7 +177,7 @@ def test_load_teacher__card_weights_next_to_the_card_load_from_any_directory(tmp
     try:
         teacher = load_teacher("tvw", grid=(2, 2))
         torch.testing.assert_close(teacher.backbone.model.cls_token, source.cls_token)
-        with pytest.raises(WeightsError, match=rf"nope\.safetensors.*the `weights` of card .*tvmissing\.toml"):
+        with pytest.raises(WeightsError, match=r"nope\.safetensors.*the `weights` of card .*tvmissing\.toml"):
             load_teacher("tvmissing", grid=(2, 2))
     finally:
         registry.all_cards.cache_clear()

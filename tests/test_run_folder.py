@@ -263,3 +263,37 @@ def test_lock__a_lock_file_unlinked_before_our_flock_is_reopened(tmp_path, monke
         with pytest.raises(ConfigError, match="is in use by pid"):
             with _RunLock(tmp_path / "r"):
                 pass
+
+
+def test_auto_resume__starts_then_resumes_and_restarts_a_run_that_never_checkpointed(tiny_teachers, tiny_images,
+                                                                                      tmp_path, caplog):
+    config = _config(tiny_teachers, tiny_images, tmp_path / "auto")
+    first = run(config, resume="auto")  # nothing there: a new run
+    straight = _metrics(tmp_path / "auto")
+    assert first.step == 4 and [r["step"] for r in straight] == [1, 2, 3, 4]
+    _rewind(tmp_path / "auto", 2)  # as a crash right after step 2's checkpoint leaves it
+    with caplog.at_level(logging.INFO, logger="unic_cli"):
+        again = run(config, resume="auto")  # the same call again: continues from step 2, exactly
+    assert again.step == 4 and _metrics(tmp_path / "auto") == straight and "at step 2/4" in caplog.text
+
+    # a run killed before its first checkpoint left config.toml and metrics, nothing to resume: start over
+    shutil.rmtree(tmp_path / "auto" / "checkpoints")
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="unic_cli"):
+        restarted = run(config, resume="auto")
+    assert restarted.step == 4 and _metrics(tmp_path / "auto") == straight
+    assert "has no checkpoint to resume from; starting the run again" in caplog.text
+
+
+def test_auto_resume__refuses_foreign_folders_overwrite_and_unknown_values(tiny_teachers, tiny_images, tmp_path):
+    foreign = tmp_path / "home"
+    foreign.mkdir()
+    (foreign / "config.toml").write_text('name = "another project"\n')
+    config = _config(tiny_teachers, tiny_images, foreign)
+    with pytest.raises(ConfigError, match="is not a unic run folder"):
+        run(config, resume="auto")
+    assert (foreign / "config.toml").read_text() == 'name = "another project"\n'
+    with pytest.raises(ConfigError, match="--auto-resume and --overwrite contradict"):
+        run(replace(config, out_dir=tmp_path / "new"), resume="auto", overwrite=True)
+    with pytest.raises(ConfigError, match="resume='yes': give True, False or 'auto'"):
+        run(config, resume="yes")

@@ -49,7 +49,7 @@ def test_slurm_example__runs_under_torchrun_and_a_resubmission_resumes(tiny_teac
     ckpt_steps = json.loads((run_dir / "run.json").read_text())
     assert ckpt_steps["total_steps"] == 2 and (run_dir / "checkpoints" / "last.pt").is_file()
 
-    proc = _submit(second, run_dir, bin_dir)  # a requeued job: last.pt exists, so the script adds --resume
+    proc = _submit(second, run_dir, bin_dir)  # a requeued job: --auto-resume finds last.pt
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == [1, 2, 3, 4]  # rank 0 alone logs; steps 3-4 continue the same file

@@ -35,26 +35,30 @@ log = logging.getLogger("unic_cli")
 
 PARTS = ("teachers", "student", "loss", "backward", "optimizer")
 
-# Dense bf16 tensor-core peaks (FLOP/s, no sparsity) from the vendors' data sheets; the first matching
-# substring of torch.cuda.get_device_name() wins, so the more specific names come first.
+# Dense bf16 tensor-core peaks (FLOP/s, no sparsity) from the vendors' data sheets, keyed by the words of
+# torch.cuda.get_device_name() ("NVIDIA H100 80GB HBM3", "NVIDIA A100-SXM4-80GB"): a row matches when the name
+# holds all its words, whole (so L40 is not L4, nor A10G A10); more specific rows come first.
 BF16_PEAK_FLOPS = (
-    ("H100 PCIe", 756e12),
-    ("H100", 989e12),  # SXM
-    ("H200", 989e12),
-    ("GH200", 989e12),
-    ("B200", 2250e12),
-    ("A100", 312e12),
-    ("L40S", 362e12),
-    ("L4", 121e12),
-    ("A10", 125e12),
-    ("RTX 4090", 165e12),
+    (("H100", "PCIe"), 756e12),
+    (("H100", "NVL"), 835e12),
+    (("H100",), 989e12),  # SXM
+    (("GH200",), 989e12),
+    (("H200",), 989e12),
+    (("B200",), 2250e12),
+    (("A100",), 312e12),
+    (("L40S",), 362e12),
+    (("L40",), 181e12),
+    (("L4",), 121e12),
+    (("A10",), 125e12),
+    (("RTX", "4090"), 165e12),
 )
 
 
 def bf16_peak_flops(device_name: str) -> float | None:
     """The dense bf16 peak of a GPU by name (None when it is not in `BF16_PEAK_FLOPS`)."""
+    words = {w.lower() for w in re.split(r"[^0-9A-Za-z]+", device_name) if w}
     for key, peak in BF16_PEAK_FLOPS:
-        if key in device_name:
+        if all(k.lower() in words for k in key):
             return peak
     return None
 
@@ -97,11 +101,11 @@ def _synthetic_batches(batch_size: int, image_size: int, seed: int):
     from unic_cli.data import Batch
 
     g = torch.Generator().manual_seed(seed)
-    images = torch.randint(0, 256, (batch_size, 3, image_size, image_size), dtype=torch.uint8, generator=g)
+    images_BCHW = torch.randint(0, 256, (batch_size, 3, image_size, image_size), dtype=torch.uint8, generator=g)
     if torch.cuda.is_available():
-        images = images.pin_memory()
+        images_BCHW = images_BCHW.pin_memory()
     while True:
-        yield Batch(images, 0)
+        yield Batch(images_BCHW, 0)
 
 
 def _host_peak_bytes() -> int:
@@ -125,6 +129,7 @@ def run_bench(config: DistillConfig, *, warmup: int = 2, batch_sizes: tuple[int,
 
     from unic_cli import distributed, train_step
     from unic_cli.distributed import dist_info
+    from unic_cli.plan import flops_per_image
 
     config = replace(config, random_init_teachers=True)
     dist = dist_info()
@@ -133,7 +138,7 @@ def run_bench(config: DistillConfig, *, warmup: int = 2, batch_sizes: tuple[int,
         t_build = time.perf_counter()
         tr = train_step.build_trainer(config, device, dist, init_on_device=True)
         build_s = time.perf_counter() - t_build
-        flops = _flops_per_image(config)
+        flops = flops_per_image(config)
         results = []
         for batch_size in batch_sizes or (config.batch_size,):
             tr.config = replace(config, batch_size=batch_size)
@@ -160,12 +165,6 @@ def run_bench(config: DistillConfig, *, warmup: int = 2, batch_sizes: tuple[int,
     finally:
         distributed.teardown(created)
     return {**best, "sweep": results} if batch_sizes else best
-
-
-def _flops_per_image(config: DistillConfig) -> dict:
-    from unic_cli.plan import flops_per_image
-
-    return flops_per_image(config)
 
 
 def _time_steps(tr, warmup: int, flops: dict) -> dict:

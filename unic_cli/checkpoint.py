@@ -1,7 +1,8 @@
 """save/load unic checkpoints: atomic, plain types only (`torch.load(weights_only=True)`), with RNG states.
 
 Layout of a run folder: `checkpoints/step_XXXXXXX.pt` plus `checkpoints/last.pt` (a hard link to, or copy of,
-the newest). The payload's keys are the contract in notes/INTERFACES.md that `unic export` reads.
+the newest). The payload's keys are the contract that `unic export` reads (`unic_cli.export.read_checkpoint`
+checks them).
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ LAST = "last.pt"
 
 
 def checkpoint_dir(run_dir: Path) -> Path:
+    """The folder of a run's checkpoints: `RUN/checkpoints`."""
     return Path(run_dir) / "checkpoints"
 
 
@@ -124,6 +126,7 @@ def rng_states(generator: torch.Generator | None) -> dict:
 
 
 def restore_rng_states(state: dict, generator: torch.Generator | None) -> None:
+    """Put back what `rng_states` saved; CUDA states only where CUDA is available."""
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])

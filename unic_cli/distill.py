@@ -28,6 +28,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Literal
 
 import torch
 
@@ -239,6 +240,21 @@ def _prepare_run_dir(config: DistillConfig, *, resume: bool, overwrite: bool,
     return None, earlier
 
 
+def _auto_resume(run_dir: Path, overwrite: bool) -> tuple[bool, bool]:
+    """`resume="auto"` -> (resume, overwrite): resume when the folder holds a checkpoint; otherwise start, and
+    replace what an earlier run that never checkpointed left (its config and logs: nothing to resume from).
+    `_prepare_run_dir` still refuses a folder that is not a unic run folder."""
+    if overwrite:
+        raise ConfigError("--auto-resume and --overwrite contradict each other: --auto-resume continues the run in "
+                          "--out when it has a checkpoint; drop one of them")
+    if find_checkpoint(run_dir) is not None:
+        return True, False
+    if _run_started(run_dir):
+        log.warning("auto-resume: %s has no checkpoint to resume from; starting the run again (replacing its "
+                    "metrics.jsonl)", run_dir)
+    return False, True
+
+
 def _is_run_folder(run_dir: Path) -> bool:
     """Whether `run_dir/config.toml` is a `unic distill` config (what every run writes before its first step):
     only then may a new run replace the folder's run files."""
@@ -322,7 +338,7 @@ def _metrics_line(step, loss, metrics_TM, coeff_T, config, lr, momentum, window)
             "teachers": teachers}
 
 
-def run(config: DistillConfig, *, resume: bool = False, overwrite: bool = False,
+def run(config: DistillConfig, *, resume: bool | Literal["auto"] = False, overwrite: bool = False,
         hooks: DistillHooks | None = None, timer=None) -> RunResult:
     """Distill `config.teachers` into `config.student` on `config.data_dir`, writing the run to `config.out_dir`.
 
@@ -330,13 +346,17 @@ def run(config: DistillConfig, *, resume: bool = False, overwrite: bool = False,
 
     Args:
         resume: continue exactly from `out_dir/checkpoints/last.pt` (onto any number of processes that keeps
-            the global batch).
+            the global batch). "auto": continue if `out_dir` holds a checkpoint, else start the run (replacing
+            the logs of an earlier run that never reached its first checkpoint): one command that both starts
+            and restarts a run, for `torchrun --max-restarts` and requeued jobs.
         overwrite: replace an earlier run in `out_dir`.
         hooks: progress callbacks (see DistillHooks); called on rank 0 only.
         timer: optional `timer(name)` context manager wrapped around each part of a step (teachers, student,
             loss, backward, optimizer): a hook for benchmarks; the default does nothing.
     """
     config.validate()  # a config built directly (not by from_sources) is checked here, before anything loads
+    if resume not in (True, False, "auto"):
+        raise ConfigError(f"resume={resume!r}: give True, False or 'auto'")
     dist = dist_info()
     device, created = distributed.setup(dist, resolve_device(config.device), fsdp=config.fsdp)
     # the run seeds torch's global generators (student init, drop path): the caller's streams come back after
@@ -364,16 +384,19 @@ def _run(config, dist, device, *, resume, overwrite, hooks, timer) -> RunResult:
                     except OSError as err:
                         raise ConfigError(f"cannot create --out {str(run_dir)!r}: {err.strerror or err}") from None
                     stack.enter_context(_RunLock(run_dir))
+                    if resume == "auto":  # decided under the lock: no second process can checkpoint meanwhile
+                        resume, overwrite = _auto_resume(run_dir, overwrite)
                     ckpt, earlier_run = _prepare_run_dir(config, resume=resume, overwrite=overwrite,
                                                          world_size=dist.world_size)
                 except ConfigError as err:
                     problems = err.problems
                     raise
                 finally:
-                    distributed.broadcast_object(problems)
-            elif (problems := distributed.broadcast_object(None)) is not None:
-                raise ConfigError(problems)
+                    distributed.broadcast_object((problems, resume))
             else:
+                problems, resume = distributed.broadcast_object(None)
+                if problems is not None:
+                    raise ConfigError(problems)
                 ckpt, earlier_run = (_load_resume_checkpoint(run_dir) if resume else None), []
             return _train(config, dist, device, ckpt, earlier_run, hooks=hooks, timer=timer)
     except BaseException:

@@ -12,6 +12,7 @@ DDP never needs `find_unused_parameters`) under DistributedDataParallel or, with
 from __future__ import annotations
 
 import inspect
+import logging
 import os
 from dataclasses import dataclass
 
@@ -19,6 +20,8 @@ import torch
 from torch import nn
 
 from unic_cli.errors import TrainingError
+
+log = logging.getLogger("unic_cli")
 
 
 @dataclass(frozen=True)
@@ -57,6 +60,8 @@ def setup(dist: DistInfo, device: torch.device, *, fsdp: bool = False) -> tuple[
         torch.cuda.set_device(device)
     if is_initialized():
         return device, False
+    if dist.rank == 0 and (problem := restart_store_problem(os.environ)):
+        log.warning(problem)
     backend = "nccl" if device.type == "cuda" else "gloo"
     # device_id binds NCCL to this GPU up front (no guessing in the first collective)
     kwargs = {"device_id": device} if device.type == "cuda" else {}
@@ -69,6 +74,21 @@ def setup(dist: DistInfo, device: torch.device, *, fsdp: bool = False) -> tuple[
         kwargs.update(init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)
     torch.distributed.init_process_group(backend=backend, **kwargs)
     return device, True
+
+
+def restart_store_problem(env) -> str | None:
+    """Why `torchrun --max-restarts` may not restart this launch cleanly, or None.
+
+    torchrun's rendezvous shares one TCP store across restarts (unless TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1), and
+    the process group's keys in it carry no per-attempt prefix: a restarted worker can read a failed worker's
+    address and fail to connect, or hang (seen with gloo in torch 2.14 in about half of the restarts;
+    tests/test_distributed.py). With the variable set, each attempt's rank 0 hosts a fresh store.
+    """
+    if int(env.get("TORCHELASTIC_MAX_RESTARTS") or 0) > 0 and env.get("TORCHELASTIC_USE_AGENT_STORE") == "True":
+        return ("torchrun --max-restarts with its shared rendezvous store: a restart can read the failed attempt's "
+                "addresses and hang; export TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 before torchrun "
+                "(docs/distributed.md)")
+    return None
 
 
 def teardown(created: bool) -> None:

@@ -601,6 +601,17 @@ def _run_dir_of(checkpoint: Path) -> Path:
     return checkpoint.parent.parent if checkpoint.parent.name == "checkpoints" else checkpoint.parent
 
 
+def _read_probe_report(path: Path) -> Any:
+    """The run's `probe.json` for the model card, or None when it is absent or unreadable (logged)."""
+    if not path.is_file():
+        return None
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        log.warning("ignoring unreadable probe report %s (%s)", path, err)
+        return None
+
+
 def _check_out_dir(out_dir: Path, overwrite: bool) -> None:
     if not out_dir.exists() or (out_dir.is_dir() and not any(out_dir.iterdir())):
         return
@@ -714,13 +725,7 @@ def export_student(checkpoint_or_run: str | Path, out_dir: str | Path, *, keep_h
         "last_metrics": ckpt.get("last_metrics"),
         "heads": {"file": HEADS_FILE, "teachers": [a for _, a in chosen]} if chosen else None,
     }
-    probe_file = _run_dir_of(checkpoint) / "probe.json"
-    probe = None
-    if probe_file.is_file():
-        try:
-            probe = json.loads(probe_file.read_text(encoding="utf-8"))
-        except (OSError, json.JSONDecodeError) as err:
-            log.warning("ignoring unreadable probe report %s (%s)", probe_file, err)
+    probe = _read_probe_report(_run_dir_of(checkpoint) / "probe.json")
 
     # Write into a sibling temporary folder and move it into place only once verified: a failed export
     # never leaves a half-written folder, and --overwrite never loses the old one on failure.

@@ -169,7 +169,8 @@ class LadderProjector(nn.Module):
 def _fused_heads(mlps: dict[int, list[ProjectorMlp]], xs: Sequence[torch.Tensor]) -> dict[int, torch.Tensor]:
     """sum_b mlps[i][b](xs[b]) for every teacher i, as few large matrix products.
 
-    Shape legend: M tokens, G blocks of one hidden width, T teachers, H that width. Per group of blocks of
+    Shape legend: M tokens, D student width, G blocks of one hidden width, T teachers, H that width, K = G * H,
+    E a teacher's width. Per group of blocks of
     equal width: one `baddbmm` for every teacher's first layer (teachers side by side along H), then the
     hidden units are laid out per teacher ([T, M, G*H], one copy; `unbind`, whose backward is a stack: no
     zero-filled gradient per slice) so that each teacher's sum over the group's second layers is one matrix
@@ -199,6 +200,6 @@ def _fused_heads(mlps: dict[int, list[ProjectorMlp]], xs: Sequence[torch.Tensor]
             # gradient accumulation (or clip_grad_norm_'s in-place scaling) hits it G times. The reshape in this
             # backward copies, so each bias gets its own slice.
             b_E = torch.cat([mlps[i][j].fc2.bias for j in js]).view(G, -1).sum(dim=0)
-            y = F.linear(per_teacher[k], w_EK, b_E)
-            out[i] = y if i not in out else out[i] + y
-    return {i: y.reshape(*lead, -1) for i, y in out.items()}
+            y_ME = F.linear(per_teacher[k], w_EK, b_E)
+            out[i] = y_ME if i not in out else out[i] + y_ME
+    return {i: y_ME.reshape(*lead, -1) for i, y_ME in out.items()}

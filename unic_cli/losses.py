@@ -1,6 +1,7 @@
 """Per-teacher cosine + smooth-L1 distillation losses and vectorised teacher dropping.
 
-Shape legend: B batch, N patch tokens, E a teacher's token width, T teachers, M metric columns.
+Shape legend: B batch, N patch tokens, E a teacher's token width, T teachers, M metric columns, G the global
+batch (all processes, all micro-batches of an optimiser step), x any leading dims.
 
 UNIC paper Eq. 1-2: per token, 0.5 * (1 - cos) + 0.5 * smooth-L1 (beta 1, averaged over channels); patch losses
 are averaged over tokens, and the summary and patch losses of a teacher are averaged (as the official code does)
@@ -33,7 +34,8 @@ def token_losses(pred_xE: torch.Tensor, target_xE: torch.Tensor) -> tuple[torch.
     return cos_x, sl1_x
 
 
-def teacher_losses(preds: Sequence[dict[str, torch.Tensor]], targets: Sequence[dict[str, torch.Tensor]]) -> TeacherLosses:
+def teacher_losses(preds: Sequence[dict[str, torch.Tensor]], targets: Sequence[dict[str, torch.Tensor]]
+                   ) -> TeacherLosses:
     """Per-teacher losses from predictions and (standardised) targets, both `{"summary": BE, "patch": BNE}`."""
     losses, metrics = [], []
     for pred, target in zip(preds, targets):
@@ -42,12 +44,14 @@ def teacher_losses(preds: Sequence[dict[str, torch.Tensor]], targets: Sequence[d
             if kind not in target:
                 row.append(None)
                 continue
-            cos, sl1 = token_losses(pred[kind], target[kind])
+            cos_x, sl1_x = token_losses(pred[kind], target[kind])  # x: B for the summary, BN for patch tokens
             if kind == "patch":  # average over the patch tokens of each image
-                cos, sl1 = cos.mean(dim=1), sl1.mean(dim=1)
-            loss_B = 0.5 * cos + 0.5 * sl1
+                cos_B, sl1_B = cos_x.mean(dim=1), sl1_x.mean(dim=1)
+            else:
+                cos_B, sl1_B = cos_x, sl1_x
+            loss_B = 0.5 * cos_B + 0.5 * sl1_B
             per_kind.append(loss_B)
-            row.append(torch.stack([loss_B, cos, sl1]).detach().mean(dim=1))
+            row.append(torch.stack([loss_B, cos_B, sl1_B]).detach().mean(dim=1))  # (loss, cos, sl1) batch means
         losses.append(torch.stack(per_kind).mean(dim=0))
         nan = torch.full((3,), float("nan"), device=losses[-1].device)
         s, p = (r if r is not None else nan for r in row)

@@ -42,9 +42,10 @@ class DistillModel(nn.Module):
 
     def forward(self, images_BCHW: torch.Tensor) -> list[dict[str, torch.Tensor]]:
         """uint8 images -> per teacher {"summary": pred_BE, "patch": pred_BNE} (bf16 under autocast)."""
-        x = self.student.normalize(images_BCHW)
-        with torch.autocast("cpu" if x.is_meta else x.device.type, dtype=torch.bfloat16, enabled=self.student_bf16):
-            return self.ladder(self.student(x, self.ladder.blocks))
+        x_BCHW = self.student.normalize(images_BCHW)
+        device_type = "cpu" if x_BCHW.is_meta else x_BCHW.device.type
+        with torch.autocast(device_type, dtype=torch.bfloat16, enabled=self.student_bf16):
+            return self.ladder(self.student(x_BCHW, self.ladder.blocks))
 
     def losses(self, preds: Sequence[dict], targets: Sequence, momentum: float | None) -> TeacherLosses:
         """Predictions and each teacher's TeacherTokens -> per-teacher losses (standardising targets first).
@@ -57,7 +58,7 @@ class DistillModel(nn.Module):
             if tokens.summary_BD is not None:
                 kinds["summary"] = tokens.summary_BD
             if self.standardizers is not None:
-                kinds = {k: self.standardizers(i, k, y, momentum) for k, y in kinds.items()}
+                kinds = {k: self.standardizers(i, k, y_xE, momentum) for k, y_xE in kinds.items()}
             standardized.append(kinds)
         return teacher_losses(preds, standardized)
 
@@ -77,6 +78,7 @@ def resolve_dtypes(config: DistillConfig, device: torch.device) -> tuple[torch.d
 
 
 def teacher_dims(teachers) -> list[tuple[int | None, int]]:
+    """(summary width, or None without a summary token; patch width) per teacher, the ladder's `teacher_dims`."""
     return [(t.card.summary_dim if t.card.has_summary else None, t.card.patch_dim) for t in teachers]
 
 
@@ -167,6 +169,7 @@ def compile_parts(core: DistillModel, teachers: Sequence[nn.Module], mode: str =
 
 def build_model(config: DistillConfig, teachers: Sequence[nn.Module], student: Student, *,
                 student_bf16: bool = False) -> DistillModel:
+    """The ladder (on `config.ladder_blocks`) and standardisers for these teachers, with `student`, in one module."""
     blocks = parse_ladder_blocks(config.ladder_blocks, student.num_blocks)
     dims = teacher_dims(teachers)
     ladder = LadderProjector(
@@ -179,11 +182,11 @@ def build_model(config: DistillConfig, teachers: Sequence[nn.Module], student: S
 
 
 def ladder_meta(config: DistillConfig, model: DistillModel) -> dict:
-    """The checkpoint's `ladder_meta` (INTERFACES.md)."""
-    first = next(iter(model.ladder.heads.values()))
-    heads = next(iter(first.values()))
+    """The checkpoint's `ladder_meta`: how to rebuild the heads (`unic export --keep-heads` reads it back)."""
+    first_teacher = next(iter(model.ladder.heads.values()))
+    first_ladder = next(iter(first_teacher.values()))  # every ladder has the same hidden widths
     last_block = model.student.num_blocks - 1
-    widths = {b: heads[f"b{b}"].fc1.out_features for b in model.ladder.blocks}
+    widths = {b: first_ladder[f"b{b}"].fc1.out_features for b in model.ladder.blocks}
     hidden = next((w for b, w in widths.items() if b != last_block), config.ladder_hidden or model.student.embed_dim)
     return {"blocks": list(model.ladder.blocks), "shared_heads": model.ladder.shared_heads, "hidden_dim": hidden,
             "last_hidden_dim": widths[last_block], "std_eps": config.std_eps, "standardize": config.standardize}
@@ -246,9 +249,9 @@ def build_meta(config: DistillConfig) -> tuple[DistillModel, list[nn.Module]]:
 
 def _meta_step(config: DistillConfig, model: DistillModel, teachers: Sequence[nn.Module], batch: int):
     size = load_size(config.image_size, teachers)
-    images = torch.empty(batch, 3, size, size, dtype=torch.uint8, device="meta")
+    images_BCHW = torch.empty(batch, 3, size, size, dtype=torch.uint8, device="meta")
     targets = [t(torch.empty(batch, 3, *t.input_size, device="meta")) for t in teachers]
-    return lambda: model.losses(model(images), targets, momentum=None).loss_TB.mean()
+    return lambda: model.losses(model(images_BCHW), targets, momentum=None).loss_TB.mean()
 
 
 def flops_per_image(config: DistillConfig, model: DistillModel | None = None,

@@ -9,8 +9,11 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from unic_cli.files import atomic_write
+
 
 def read_metrics(run_dir: Path) -> list[dict]:
+    """The records of `RUN/metrics.jsonl`, one dict per line, oldest first; [] when the run has none yet."""
     path = Path(run_dir) / "metrics.jsonl"
     if not path.is_file():
         return []
@@ -23,7 +26,8 @@ def _save(fig, ax, path: Path) -> Path:
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
+    with atomic_write(path) as f:  # a crash never leaves half a PNG under the final name
+        fig.savefig(f, format="png", dpi=100)
     plt.close(fig)
     return path
 

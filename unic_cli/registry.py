@@ -120,6 +120,7 @@ class TeacherCard:
 
     @property
     def has_summary(self) -> bool:
+        """Whether the teacher provides a summary token for distillation."""
         return "summary" in self.tokens
 
     @property
@@ -308,6 +309,7 @@ def add_registry_dirs_from_env(environ: dict[str, str] | None = None) -> None:
 
 
 def registry_dirs() -> tuple[Path, ...]:
+    """The card folders in search order: the built-in cards, then the user folders (later ones win)."""
     return (BUILTIN_REGISTRY_DIR, *_user_dirs)
 
 
@@ -384,36 +386,7 @@ def parse_teacher_spec(text: str) -> TeacherSpec:
                     f"(or '{name}?{options}&weights={path}')"
                 )
         else:
-            items = [item for item in rest.split("&") if item]
-            trailing = None
-            for i, item in enumerate(items):
-                key, eq, value = item.partition("=")
-                if not eq or not key:
-                    raise UnknownTeacherError(f"teacher spec {text!r}: option {item!r} is not key=value")
-                if i == len(items) - 1 and key != "weights" and "=" in value:  # NAME?key=value=PATH
-                    value, _, trailing = value.partition("=")
-                if key == "weights":
-                    weights = value
-                elif key == "trust_remote_code":
-                    if value.lower() not in ("true", "1", "yes", "false", "0", "no"):
-                        raise UnknownTeacherError(
-                            f"teacher spec {text!r}: trust_remote_code must be true or false, got {value!r}"
-                        )
-                    trust_remote_code = value.lower() in ("true", "1", "yes")
-                elif key not in CARD_FIELDS or key in ("alias", "source", "model_id"):
-                    allowed = [f for f in CARD_FIELDS if f not in ("alias", "source", "model_id")]
-                    close = difflib.get_close_matches(key, allowed, n=1)
-                    hint = f" (did you mean {close[0]!r}?)" if close else ""
-                    raise UnknownTeacherError(
-                        f"teacher spec {text!r}: unknown option {key!r}{hint}; options: weights, trust_remote_code, "
-                        f"{', '.join(allowed)}"
-                    )
-                else:
-                    overrides[key] = value
-            if trailing is not None:
-                if weights is not None:
-                    raise UnknownTeacherError(f"teacher spec {text!r}: weights given twice (`weights=` and `=PATH`)")
-                weights = trailing
+            weights, overrides, trust_remote_code = _parse_options(text, rest)
     if not name:
         raise UnknownTeacherError(f"teacher spec {text!r} has no teacher name before {text[cut]!r}")
     if weights is not None and not weights:
@@ -443,13 +416,49 @@ def parse_teacher_spec(text: str) -> TeacherSpec:
     )
 
 
+def _parse_options(text: str, rest: str) -> tuple[str | None, dict[str, str], bool]:
+    """(weights, card overrides, trust_remote_code) from the `key=value&...[=PATH]` after a spec's `?`."""
+    weights, overrides, trust_remote_code = None, {}, False
+    items = [item for item in rest.split("&") if item]
+    trailing = None
+    for i, item in enumerate(items):
+        key, eq, value = item.partition("=")
+        if not eq or not key:
+            raise UnknownTeacherError(f"teacher spec {text!r}: option {item!r} is not key=value")
+        if i == len(items) - 1 and key != "weights" and "=" in value:  # NAME?key=value=PATH
+            value, _, trailing = value.partition("=")
+        if key == "weights":
+            weights = value
+        elif key == "trust_remote_code":
+            if value.lower() not in ("true", "1", "yes", "false", "0", "no"):
+                raise UnknownTeacherError(
+                    f"teacher spec {text!r}: trust_remote_code must be true or false, got {value!r}"
+                )
+            trust_remote_code = value.lower() in ("true", "1", "yes")
+        elif key not in CARD_FIELDS or key in ("alias", "source", "model_id"):
+            allowed = [f for f in CARD_FIELDS if f not in ("alias", "source", "model_id")]
+            close = difflib.get_close_matches(key, allowed, n=1)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            raise UnknownTeacherError(
+                f"teacher spec {text!r}: unknown option {key!r}{hint}; options: weights, trust_remote_code, "
+                f"{', '.join(allowed)}"
+            )
+        else:
+            overrides[key] = value
+    if trailing is not None:
+        if weights is not None:
+            raise UnknownTeacherError(f"teacher spec {text!r}: weights given twice (`weights=` and `=PATH`)")
+        weights = trailing
+    return weights, overrides, trust_remote_code
+
+
 def convert_overrides(overrides: dict[str, str], *, origin: str) -> dict[str, object]:
     """Spec overrides (strings) -> card field values of the right type (lists comma-separated)."""
     out: dict[str, object] = {}
     for key, value in overrides.items():
         kind = _FIELD_KINDS[key]
         try:
-            if kind[0] in ("tuple",):
+            if kind[0] == "tuple":
                 out[key] = [v for v in value.split(",") if v]
             elif kind[0] == "floats":
                 out[key] = [float(v) for v in value.split(",")]
@@ -457,8 +466,10 @@ def convert_overrides(overrides: dict[str, str], *, origin: str) -> dict[str, ob
                 out[key] = None if value.lower() in ("none", "") and None in kind else int(value)
             else:
                 out[key] = None if value.lower() == "none" and None in kind else value
-        except ValueError:
-            raise RegistryError(f"{origin}: option {key}={value!r} is not a valid {key}") from None
+        except ValueError:  # only the number fields get here
+            expected = "comma-separated numbers, e.g. 0.5,0.5,0.5" if kind[0] == "floats" else "an integer"
+            expected += ", or none" if None in kind else ""
+            raise RegistryError(f"{origin}: option {key}={value!r} is not a valid {key}; give {expected}") from None
     return out
 
 

@@ -1,6 +1,7 @@
 """EmaStandardizer: per-channel teacher-feature statistics tracked by an EMA, all-reduced across processes.
 
-Shape legend: B batch, N patch tokens, D (here E) a teacher's token width.
+Shape legend: B batch, N patch tokens, D a teacher's token width (`E` in losses.py), x any leading dims (B or
+BN), M all rows of a batch pooled (B or B * N).
 
 UNIC paper Sec. 3.3, "feature standardization": every teacher output (summary and patch tokens separately) is
 standardised to zero mean and unit variance per channel before the loss, with statistics learned on the fly.
@@ -35,8 +36,8 @@ class EmaStandardizer(nn.Module):
     @torch.no_grad()
     def update(self, y_xD: torch.Tensor, momentum: float) -> None:
         """Blend this batch's moments (all leading dims pooled, averaged over processes) into the statistics."""
-        y = y_xD.float().reshape(-1, y_xD.shape[-1])
-        moments_2D = torch.stack([y.mean(dim=0), y.square().mean(dim=0)])
+        y_MD = y_xD.float().reshape(-1, y_xD.shape[-1])
+        moments_2D = torch.stack([y_MD.mean(dim=0), y_MD.square().mean(dim=0)])
         all_reduce_mean_(moments_2D)  # equal batch sizes per rank, so the mean of means is the global mean
         mean_D, sq_D = moments_2D
         # A non-finite batch (a teacher overflowing in bf16) must leave no trace: its step is skipped or stops the
@@ -47,6 +48,7 @@ class EmaStandardizer(nn.Module):
                                      self.var_D))
 
     def standardize(self, y_xD: torch.Tensor) -> torch.Tensor:
+        """Zero mean, unit variance per channel with the current statistics (fp32); no update."""
         return (y_xD.float() - self.mean_D) * torch.rsqrt(self.var_D + self.eps)
 
     def forward(self, y_xD: torch.Tensor, momentum: float | None) -> torch.Tensor:
@@ -75,4 +77,5 @@ class TeacherStandardizers(nn.Module):
         return super().load_state_dict({f"stats.{k}": v for k, v in state_dict.items()}, strict=strict, assign=assign)
 
     def forward(self, i: int, kind: str, y_xD: torch.Tensor, momentum: float | None) -> torch.Tensor:
+        """Update (unless `momentum` is None) and apply teacher `i`'s `kind` ("summary" or "patch") standardiser."""
         return self.stats[f"t{i}"][kind](y_xD, momentum)

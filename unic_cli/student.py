@@ -50,23 +50,23 @@ class Student(nn.Module):
         self.interpolation: str = cfg.get("interpolation", "bicubic")
         # Classifier-side modules that the taps never reach (fc_norm, attention pooling, head) get no gradient:
         # frozen, so DDP runs without `find_unused_parameters` (they stay in the state dict for export).
-        for name in ("fc_norm", "attn_pool", "head"):
-            if isinstance(getattr(model, name, None), nn.Module):
-                getattr(model, name).requires_grad_(False)
+        for module_name in ("fc_norm", "attn_pool", "head"):
+            if isinstance(getattr(model, module_name, None), nn.Module):
+                getattr(model, module_name).requires_grad_(False)
         self.register_buffer("mean_C", torch.tensor(self.mean).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("std_C", torch.tensor(self.std).view(1, 3, 1, 1), persistent=False)
 
     def normalize(self, images_BCHW: torch.Tensor) -> torch.Tensor:
         """uint8 [0, 255] -> float at the student's input size, normalised with its mean/std (on the images'
         device). Batches come at the largest input size among the student and its teachers (`plan.load_size`)."""
-        x = images_BCHW.float()
+        x_BCHW = images_BCHW.float()
         if images_BCHW.dtype == torch.uint8:
-            x = x / 255.0
-        if tuple(x.shape[-2:]) != (self.image_size, self.image_size):
+            x_BCHW = x_BCHW / 255.0
+        if tuple(x_BCHW.shape[-2:]) != (self.image_size, self.image_size):
             mode = self.interpolation if self.interpolation in ("bilinear", "bicubic") else "bilinear"
-            x = F.interpolate(x, size=(self.image_size, self.image_size), mode=mode, align_corners=False,
-                              antialias=True)
-        return (x - self.mean_C) / self.std_C
+            x_BCHW = F.interpolate(x_BCHW, size=(self.image_size, self.image_size), mode=mode, align_corners=False,
+                                   antialias=True)
+        return (x_BCHW - self.mean_C) / self.std_C
 
     def forward(self, images_BCHW: torch.Tensor, blocks: Sequence[int]) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """Normalised images -> [(summary_BD, patch_BND)] for each block in `blocks`, final norm applied.

@@ -67,7 +67,8 @@ def test_bench__takes_a_distill_command_line_and_a_runs_config_toml(tmp_path):
     data.rmdir()  # the run's data is not on the benchmarking machine: bench does not need it
 
     distill_line = ["--teachers", "timm:test_vit", "--student", "test_vit", "--image-size", "32", "--out",
-                    str(tmp_path / "run"), "--epochs", "100", "--overwrite", "--resume", "--ladder-blocks", "last"]
+                    str(tmp_path / "run"), "--epochs", "100", "--overwrite", "--resume", "--auto-resume",
+                    "--ladder-blocks", "last"]
     for args in (distill_line, ["--config", str(tmp_path / "config.toml")]):
         result = CliRunner().invoke(unic, ["bench", *args, "--dry-run", "--json"])
         assert result.exit_code == 0, result.output

@@ -58,7 +58,8 @@ def _losses(run_dir):
 
 def test_distill__sigterm_then_resume_matches_a_straight_run(tiny_teachers, tiny_images, tmp_path):
     common = ["--teachers", *tiny_teachers, "--data", str(tiny_images), "--student", "test_vit", "--image-size",
-              "64", "--batch-size", "4", "--grad-accum-steps", "2", "--steps", "8", "--num-workers", "0", "--augment", "none",
+              "64", "--batch-size", "4", "--grad-accum-steps", "2", "--steps", "8", "--num-workers", "0", "--augment",
+              "none",
               "--log-every", "1", "--checkpoint-every", "100", "--random-init-teachers", "--device", "cpu",
               "--base-lr", "1e-2"]
     straight, split = tmp_path / "straight", tmp_path / "split"
@@ -82,3 +83,21 @@ def test_distill__sigterm_then_resume_matches_a_straight_run(tiny_teachers, tiny
     a, b = _student(straight), _student(split)
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     assert _losses(split) == _losses(straight)
+
+
+def test_distill__auto_resume_starts_then_continues_from_the_runs_own_settings(tiny_teachers, tiny_images, tmp_path):
+    out = tmp_path / "run"
+    first = ["distill", "--teachers", *tiny_teachers, "--data", str(tiny_images), "--student", "test_vit",
+             "--image-size", "32", "--batch-size", "4", "--steps", "2", "--num-workers", "0", "--log-every", "1",
+             "--random-init-teachers", "--device", "cpu", "--out", str(out), "--auto-resume"]
+    result = CliRunner().invoke(unic, first)
+    assert result.exit_code == 0, result.output
+    # a checkpoint exists: the settings come from RUN/config.toml, as with --resume, and flags override them
+    result = CliRunner().invoke(unic, ["distill", "--out", str(out), "--auto-resume", "--steps", "3"])
+    assert result.exit_code == 0, result.output
+    assert [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()] == [1, 2, 3]
+
+    for flag in ("--resume", "--overwrite"):
+        result = CliRunner().invoke(unic, ["distill", "--out", str(out), "--auto-resume", flag])
+        assert result.exit_code == 2 and f"--auto-resume with {flag}" in result.output
+        assert "Traceback" not in result.output

@@ -53,6 +53,22 @@ def test_write_report__merges_calls_and_writes_json_markdown_chart(tmp_path):
     assert (tmp_path / "probe.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+def test_write_report__replaces_its_files_never_writes_through_them(tmp_path):
+    # each file goes through a temporary name and a rename: a crash leaves the old file, and a symlink planted at
+    # probe.md / probe.png is replaced, not followed into the file it points to
+    outside = tmp_path / "outside.txt"
+    outside.write_text("keep me")
+    out = tmp_path / "out"
+    out.mkdir()
+    for name in ("probe.md", "probe.png"):
+        (out / name).symlink_to(outside)
+    rep.write_report(out, _report({"s": {"knn/x": {"top1_k20": 0.9}}}, {"s": "student"}, tasks=("knn/x",)))
+    assert outside.read_text() == "keep me"
+    assert not (out / "probe.md").is_symlink() and "## knn/x" in (out / "probe.md").read_text()
+    assert (out / "probe.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert sorted(p.name for p in out.iterdir()) == ["probe.json", "probe.md", "probe.png"]  # no temporaries
+
+
 @pytest.mark.parametrize("data", [b"{broken", b'{"format": "other", "results": [1, 2]}', b"\xff\xfe not utf-8"])
 def test_write_report__moves_an_unreadable_or_foreign_probe_json_aside(tmp_path, caplog, data):
     (tmp_path / "probe.json").write_bytes(data)

@@ -41,14 +41,15 @@ def _batch_sizes(ctx, param, value: str | None) -> tuple[int, ...] | None:
               help="TOML setting any field (e.g. a run's config.toml); flags override it.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON line instead of a table.")
 @click.option("--dry-run", is_flag=True, help="Validate and print the FLOPs per image; time nothing.")
-@click.option("--overwrite", "--resume", "ignored_run_flag", is_flag=True, hidden=True)  # distill's, for its lines
+# distill's run-folder flags, so that a distill command line runs as is
+@click.option("--overwrite", "--resume", "--auto-resume", "ignored_run_flag", is_flag=True, hidden=True)
 @registry_option
 def bench(more_teachers, teachers, config_file, as_json, dry_run, ignored_run_flag, **flags) -> None:
     """Time the real training step of any distill configuration, with random-init teachers and student.
 
     Every `unic distill` flag is accepted, so a distill command line runs as is: --steps counts timed steps
-    here (default 5), --epochs, --overwrite and --resume are ignored. --config also takes a run's config.toml
-    (its steps, epochs and data are not used). Without --data the step is fed a fixed random batch, so image
+    here (default 5), --epochs, --overwrite, --resume and --auto-resume are ignored. --config also takes a run's
+    config.toml (its steps, epochs and data are not used). Without --data the step is fed a fixed random batch, so image
     decoding is not timed.
 
     \b
@@ -67,7 +68,7 @@ def bench(more_teachers, teachers, config_file, as_json, dry_run, ignored_run_fl
         log.info("--epochs %d ignored: bench times --steps steps (default 5)", flags["epochs"])
         flags["epochs"] = None
     if ignored_run_flag:
-        log.info("--overwrite / --resume ignored: bench writes no run and resumes none")
+        log.info("--overwrite / --resume / --auto-resume ignored: bench writes no run and resumes none")
     flags = {**flags, "teachers": specs or None}
     config = BenchConfig.from_sources(config_file, flags)
     if dry_run:

@@ -24,9 +24,9 @@ def _help(text: str, field: str | None = None) -> str:
 
 _FLAGS = [
     # (param decls, click kwargs)
-    (("--data", "--data-dir", "data_dir"), dict(metavar="PATH", help="Training images: a folder (class subfolders allowed), "
-                                                          "WebDataset .tar shards or a brace pattern, or a saved "
-                                                          "HF dataset / parquet (docs/data.md).")),
+    (("--data", "--data-dir", "data_dir"), dict(metavar="PATH", help="Training images: a folder (class subfolders "
+                                                          "allowed), WebDataset .tar shards or a brace pattern, or "
+                                                          "a saved HF dataset / parquet (docs/data.md).")),
     (("--out", "--out-dir", "out_dir"), dict(metavar="RUN_DIR", help=_help("Run folder.", "out_dir"))),
     (("--student",), dict(metavar="NAME", help=_help("timm ViT to train (vit_*, deit3_*, eva02_*, ...).", "student"))),
     (("--image-size",), dict(type=int, help=_help("Student input size in pixels.", "image_size"))),
@@ -113,13 +113,17 @@ def _config_options(fn=None, *, hidden: tuple[str, ...] = (), helps: dict[str, s
 @click.option("--config", "config_file", type=click.Path(dir_okay=False, path_type=Path),
               help="TOML setting any field (e.g. a run's config.toml); flags override it.")
 @click.option("--resume", is_flag=True, help="Continue the run in --out exactly where it stopped.")
+@click.option("--auto-resume", is_flag=True,
+              help="Continue the run in --out if it has a checkpoint, else start it: one command for the first "
+                   "start and every restart (torchrun --max-restarts, requeued jobs).")
 @click.option("--overwrite", is_flag=True,
               help="Replace an earlier run in --out (only a unic run folder; deleted once the new run is built).")
 @click.option("--dry-run", is_flag=True, help="Validate and print shapes, sizes, FLOPs and memory; load no weights.")
 @click.option("--json", "as_json", is_flag=True, help="With --dry-run: print the plan as JSON.")
 @registry_option
 @click.pass_context
-def distill(ctx, more_teachers, teachers, config_file, resume, overwrite, dry_run, as_json, **flags) -> None:
+def distill(ctx, more_teachers, teachers, config_file, resume, auto_resume, overwrite, dry_run, as_json,
+            **flags) -> None:
     """Distill teachers into one student encoder (UNIC: standardisation, ladder of projectors, teacher dropping).
 
     \b
@@ -134,6 +138,7 @@ def distill(ctx, more_teachers, teachers, config_file, resume, overwrite, dry_ru
     Example:
       unic distill --teachers dinov2_g metaclip_h --data /imagenet/train --out runs/a --epochs 100
       unic distill --out runs/a --resume
+      unic distill --config a.toml --out runs/a --auto-resume   # starts it, or continues it after a crash
     """
     from unic_cli.errors import ConfigError
 
@@ -142,6 +147,16 @@ def distill(ctx, more_teachers, teachers, config_file, resume, overwrite, dry_ru
     if more_teachers and not teachers:
         raise ConfigError(f"unexpected argument(s) {list(more_teachers)}; teachers go after --teachers")
     out_dir = flags.get("out_dir")
+    for flag, given in (("--resume", resume), ("--overwrite", overwrite)):
+        if auto_resume and given:
+            raise ConfigError(f"--auto-resume with {flag}: --auto-resume resumes when --out holds a checkpoint and "
+                              f"starts the run otherwise; drop {flag}")
+    if auto_resume and config_file is None:  # resuming: as --resume, the run's settings first, then the flags
+        from unic_cli.checkpoint import find_checkpoint
+
+        run_dir = Path(out_dir or _D["out_dir"])
+        if (run_dir / "config.toml").is_file() and find_checkpoint(run_dir) is not None:
+            config_file = run_dir / "config.toml"
     if resume and config_file is None:
         saved = Path(out_dir or _D["out_dir"]) / "config.toml"
         if not saved.is_file():
@@ -168,10 +183,10 @@ def distill(ctx, more_teachers, teachers, config_file, resume, overwrite, dry_ru
         import logging
 
         logging.getLogger("unic_cli").setLevel(logging.WARNING)
-        run(config, resume=resume, overwrite=overwrite)
+        run(config, resume="auto" if auto_resume else resume, overwrite=overwrite)
         return
     with _ProgressHooks() as hooks:
-        result = run(config, resume=resume, overwrite=overwrite, hooks=hooks)
+        result = run(config, resume="auto" if auto_resume else resume, overwrite=overwrite, hooks=hooks)
     from unic_cli.console import console
 
     if result.status == "interrupted":

@@ -22,6 +22,7 @@ import torch
 from unic_cli.config import ProbeConfig
 from unic_cli.devices import resolve_device
 from unic_cli.errors import ProbeError
+from unic_cli.files import atomic_write
 from unic_cli.probe import report as report_lib
 from unic_cli.probe.dense import run_depth_probe, run_seg_probe
 from unic_cli.probe.features import (
@@ -223,7 +224,8 @@ def _classification(config: ProbeConfig, refs: list[ModelRef], train: Split | No
             if config.concat_patch_mean:
                 x_train, x_eval = torch.cat([x_train, patch_train], 1), torch.cat([x_eval, patch_eval], 1)
                 del patch_train, patch_eval
-            log.info("%s: linear probe, %d settings", ref.name, len(config.linear_lrs) * len(config.linear_weight_decays))
+            num_settings = len(config.linear_lrs) * len(config.linear_weight_decays)
+            log.info("%s: linear probe, %d settings", ref.name, num_settings)
             results[ref.name]["linear"] = run_linear_probe(
                 x_train.to(device), y_train, x_eval.to(device), y_eval, num_classes=num_classes,
                 lrs=config.linear_lrs, weight_decays=config.linear_weight_decays, num_steps=config.linear_steps,
@@ -431,7 +433,8 @@ def _run_probe(config: ProbeConfig, device: str, progress: ProgressFn) -> ProbeO
     # folders absolute, as in a distill run's config.toml: `unic probe --config OUT/config.toml` works from anywhere
     absolute = {name: Path(os.path.abspath(getattr(config, name))) for name in ("data_dir", "run_dir", "cache_dir")
                 if getattr(config, name) is not None}
-    (out_dir / "config.toml").write_text(replace(config, **absolute).to_toml(), encoding="utf-8")
+    with atomic_write(out_dir / "config.toml", "w", encoding="utf-8") as f:
+        f.write(replace(config, **absolute).to_toml())
     merged, files = None, []
     if classification:
         train, evaluation = splits["classification"]

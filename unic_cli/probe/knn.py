@@ -1,7 +1,7 @@
 """Cosine k-NN on summary tokens with temperature-weighted votes (DINO's protocol).
 
 Shape legend: N train samples, T train samples of one chunk, M test samples, D feature width, K neighbours,
-C classes.
+J candidate neighbours (K so far + K of a chunk), C classes.
 """
 
 from __future__ import annotations
@@ -46,23 +46,8 @@ def run_knn_probe(
     test_labels_M = test_labels_M.to(device)
     num_train, num_test = train_ND.shape[0], test_MD.shape[0]
     max_k = min(max(ks), num_train)
-    test_chunk = max(1, min(chunk_size, _SIM_ELEMENTS // max(1, min(num_train, train_chunk_size))))
-    top_sim_MK = top_idx_MK = None
-    for t0 in range(0, num_train, train_chunk_size):
-        train_TD = F.normalize(train_ND[t0 : t0 + train_chunk_size].to(device, non_blocking=True).float(), dim=1)
-        sims, idxs = [], []
-        for start in range(0, num_test, test_chunk):
-            sim_MT = test_MD[start : start + test_chunk] @ train_TD.T
-            sim_MK, idx_MK = sim_MT.topk(min(max_k, sim_MT.shape[1]), dim=1)  # sorted, nearest first
-            sims.append(sim_MK)
-            idxs.append(idx_MK + t0)
-        sim_MK, idx_MK = torch.cat(sims), torch.cat(idxs)
-        if top_sim_MK is None:
-            top_sim_MK, top_idx_MK = sim_MK, idx_MK
-        else:  # the k nearest of (k nearest so far + k nearest of this chunk) are the k nearest overall
-            cand_sim, cand_idx = torch.cat([top_sim_MK, sim_MK], 1), torch.cat([top_idx_MK, idx_MK], 1)
-            top_sim_MK, pos_MK = cand_sim.topk(min(max_k, cand_sim.shape[1]), dim=1)
-            top_idx_MK = cand_idx.gather(1, pos_MK)
+    top_sim_MK, top_idx_MK = _nearest_neighbours(train_ND, test_MD, max_k, chunk_size=chunk_size,
+                                                 train_chunk_size=train_chunk_size, device=device)
     correct1 = {k: torch.zeros((), device=device) for k in ks}
     correct5 = {k: torch.zeros((), device=device) for k in ks}
     for start in range(0, num_test, chunk_size):  # votes per test chunk: [M, K, C] one-hots stay small
@@ -87,3 +72,28 @@ def run_knn_probe(
         if num_classes > 5:
             metrics[f"top5_k{k}"] = float(correct5[k]) / num_test
     return metrics
+
+
+def _nearest_neighbours(train_ND: torch.Tensor, test_MD: torch.Tensor, max_k: int, *, chunk_size: int,
+                        train_chunk_size: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """(cosine similarity, training index) of each normalised test sample's `max_k` nearest training samples,
+    nearest first, computed `train_chunk_size` training rows at a time (see `run_knn_probe`)."""
+    num_train, num_test = train_ND.shape[0], test_MD.shape[0]
+    test_chunk = max(1, min(chunk_size, _SIM_ELEMENTS // max(1, min(num_train, train_chunk_size))))
+    top_sim_MK = top_idx_MK = None
+    for t0 in range(0, num_train, train_chunk_size):
+        train_TD = F.normalize(train_ND[t0 : t0 + train_chunk_size].to(device, non_blocking=True).float(), dim=1)
+        sims, idxs = [], []
+        for start in range(0, num_test, test_chunk):
+            sim_MT = test_MD[start : start + test_chunk] @ train_TD.T
+            sim_MK, idx_MK = sim_MT.topk(min(max_k, sim_MT.shape[1]), dim=1)  # sorted, nearest first
+            sims.append(sim_MK)
+            idxs.append(idx_MK + t0)
+        sim_MK, idx_MK = torch.cat(sims), torch.cat(idxs)
+        if top_sim_MK is None:
+            top_sim_MK, top_idx_MK = sim_MK, idx_MK
+        else:  # the k nearest of (k nearest so far + k nearest of this chunk) are the k nearest overall
+            cand_sim_MJ, cand_idx_MJ = torch.cat([top_sim_MK, sim_MK], 1), torch.cat([top_idx_MK, idx_MK], 1)
+            top_sim_MK, pos_MK = cand_sim_MJ.topk(min(max_k, cand_sim_MJ.shape[1]), dim=1)
+            top_idx_MK = cand_idx_MJ.gather(1, pos_MK)
+    return top_sim_MK, top_idx_MK

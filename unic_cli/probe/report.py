@@ -266,7 +266,8 @@ def plot_chart(report: dict[str, Any], path: Path) -> Path | None:
     ax.grid(axis="y", alpha=0.3)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
+    with atomic_write(path) as f:
+        fig.savefig(f, format="png", dpi=120)
     plt.close(fig)
     return path
 
@@ -292,7 +293,8 @@ def write_report(out_dir: Path, new: dict[str, Any]) -> tuple[dict[str, Any], li
     """Merge `new` into OUT/probe.json and rewrite probe.json, probe.md and probe.png from the merged report."""
     merged = merge(read_report(out_dir / "probe.json"), new, where=str(out_dir / "probe.json"))
     write_json(out_dir / "probe.json", merged)
-    (out_dir / "probe.md").write_text(render_markdown(merged), encoding="utf-8")
+    with atomic_write(out_dir / "probe.md", "w", encoding="utf-8") as f:
+        f.write(render_markdown(merged))
     files = [out_dir / "probe.json", out_dir / "probe.md"]
     chart = plot_chart(merged, out_dir / "probe.png")
     if chart is not None:

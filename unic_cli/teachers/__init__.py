@@ -22,8 +22,8 @@ _warned: set[str] = set()  # specs whose no-effect override was already reported
 
 __all__ = ["Teacher", "TeacherTokens", "check_teacher", "load_teacher", "resolve_card", "token_shape_problem"]
 
-# source -> "module:function"; each function is (card, spec, *, pretrained) -> nn.Module implementing Backbone,
-# and each module also has card_from_spec(spec) -> TeacherCard for explicit specs without a card.
+# source -> adapter module; each has build_backbone(card, spec, *, pretrained) -> nn.Module implementing Backbone,
+# and card_from_spec(spec) -> TeacherCard for explicit specs without a card.
 _ADAPTERS = {
     "timm": "unic_cli.teachers.timm",
     "hf": "unic_cli.teachers.hf",

@@ -89,34 +89,34 @@ class Teacher(nn.Module):
         if images_BCHW.ndim != 4 or images_BCHW.shape[1] != 3:  # a shape check, no host sync
             raise DataError(f"teacher {self.card.alias!r} takes RGB images [B, 3, H, W], got a tensor of shape "
                             f"{list(images_BCHW.shape)} (grayscale: repeat the channel, `x.expand(-1, 3, -1, -1)`)")
-        x = images_BCHW.to(self.mean_C.device, non_blocking=True).float()  # no-op when already there
+        x_BCHW = images_BCHW.to(self.mean_C.device, non_blocking=True).float()  # no-op when already there
         if images_BCHW.dtype == torch.uint8:
-            x = x / 255.0
-        if tuple(x.shape[-2:]) != self.input_size:
+            x_BCHW = x_BCHW / 255.0
+        if tuple(x_BCHW.shape[-2:]) != self.input_size:
             mode = self.card.interpolation
-            x = F.interpolate(x, size=self.input_size, mode=mode, align_corners=False if mode != "nearest" else None,
-                              antialias=mode != "nearest")
-        return (x - self.mean_C) / self.std_C
+            x_BCHW = F.interpolate(x_BCHW, size=self.input_size, mode=mode,
+                                   align_corners=False if mode != "nearest" else None, antialias=mode != "nearest")
+        return (x_BCHW - self.mean_C) / self.std_C
 
-    def precision(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.autocast]:
+    def precision(self, x_BCHW: torch.Tensor) -> tuple[torch.Tensor, torch.autocast]:
         """(preprocessed pixels in the backbone's dtype, the autocast context to run the backbone under)."""
         weight = next(self.backbone.parameters(), None)  # a parameter-free module (pooling) runs in fp32
         weight_dtype = torch.float32 if weight is None else weight.dtype
         if weight_dtype != torch.float32:  # converted weights: run in their dtype, nothing to autocast
-            return x.to(weight_dtype), torch.autocast(x.device.type, enabled=False)
-        return x, torch.autocast("cuda", dtype=torch.bfloat16, enabled=x.is_cuda)
+            return x_BCHW.to(weight_dtype), torch.autocast(x_BCHW.device.type, enabled=False)
+        return x_BCHW, torch.autocast("cuda", dtype=torch.bfloat16, enabled=x_BCHW.is_cuda)
 
     @torch.no_grad()  # not inference_mode: the loss must be able to save these tensors for backward
     def forward(self, images_BCHW: torch.Tensor) -> TeacherTokens:
-        x, autocast = self.precision(self.preprocess(images_BCHW))
+        x_BCHW, autocast = self.precision(self.preprocess(images_BCHW))
         with autocast:
-            summary_BD, patch_BND, feat_grid = self.backbone.forward_tokens(x)
+            summary_BD, patch_BND, feat_grid = self.backbone.forward_tokens(x_BCHW)
         if self.native:
             self.grid = tuple(feat_grid)
         patch_BND = resample_grid(patch_BND, tuple(feat_grid), self.grid)
         if not self.card.has_summary:
             summary_BD = None
-        if x.is_cuda:  # final norms run in fp32 under autocast; the contract is bf16 on CUDA
+        if x_BCHW.is_cuda:  # final norms run in fp32 under autocast; the contract is bf16 on CUDA
             patch_BND = patch_BND.to(torch.bfloat16)
             summary_BD = summary_BD.to(torch.bfloat16) if summary_BD is not None else None
         return TeacherTokens(summary_BD, patch_BND)

@@ -31,7 +31,6 @@ from unic_cli.teachers.timm import TimmTeacher, card_from_model
 from unic_cli.teachers.weights import (
     hub_access,
     hub_error,
-    hub_reachable,
     mismatch_error,
     offline_hint,
     read_state_dict,
@@ -176,10 +175,10 @@ def load_config(model_id: str, *, revision: str | None, trust_remote_code: bool,
             "model.save_pretrained(folder))"
         )
     try:
+        # an unreachable hub: hub_access turns on huggingface_hub's offline mode, which transformers reads as
+        # local_files_only=True, so the cache is used at once instead of after huggingface_hub's retries
         with hub_access(f"the config of {model_id}"):
-            # an unreachable hub: the cache only, failing at once instead of after huggingface_hub's retries
-            config = AutoConfig.from_pretrained(model_id, revision=revision, trust_remote_code=trust_remote_code,
-                                                local_files_only=not _is_local(model_id) and not hub_reachable())
+            config = AutoConfig.from_pretrained(model_id, revision=revision, trust_remote_code=trust_remote_code)
         if config.model_type == "timm_wrapper" and "num_classes" in (config.model_args or {}):
             # timm's save_for_hf writes num_classes into model_args too; TimmWrapperModel then passes it twice
             config.model_args = {k: v for k, v in config.model_args.items() if k != "num_classes"}
@@ -300,10 +299,9 @@ def _config_for(card: TeacherCard, folder: Path | None, local, trust: bool):
 def _from_pretrained(auto_cls, model_id: str, card: TeacherCard, revision: str | None, trust: bool) -> nn.Module:
     config = load_config(model_id, revision=revision, trust_remote_code=trust, alias=card.alias)
     try:
-        with hub_access(f"the weights of {model_id}"):
+        with hub_access(f"the weights of {model_id}"):  # offline mode when the hub does not answer, as above
             model, info = auto_cls.from_pretrained(model_id, config=config, revision=revision,
-                                                   trust_remote_code=trust, output_loading_info=True,
-                                                   local_files_only=not _is_local(model_id) and not hub_reachable())
+                                                   trust_remote_code=trust, output_loading_info=True)
     except pickle.UnpicklingError as err:  # transformers' torch.load(weights_only=True) refused a pickled object
         raise WeightsError(f"teacher {card.alias!r}: refusing the weights of {model_id}: "
                            f"{unsafe_pickle_reason(err) or err}") from None

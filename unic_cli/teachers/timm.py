@@ -6,11 +6,10 @@ Tokens come from `forward_features` (the final norm applied): a ViT returns [B, 
 [cls, registers...] first; a ConvNet (or SAM's neck) returns a feature map [B, D, h, w], Swin [B, h, w, D]
 (hierarchical models are feature-map teachers, fed their native size). Models that pool or merge tokens
 (LeViT, PiT, MViT, Mixer) or take only one input size (CaiT under another grid) are refused with one message
-that suggests `py:MODULE:CALLABLE`. The summary token is
-the class token (`summary_from = "cls"`) or the model's own pooled embedding (`"pool"`: `forward_head` with
-`pre_logits=True`, i.e. global average pool, SigLIP's attention pool, ...). Models that normalise only after
-pooling (`norm` = Identity, `fc_norm` set, e.g. EVA-02 MIM) get `fc_norm` on every token, so patch tokens are
-normalised like the pooled one.
+that suggests `py:MODULE:CALLABLE`. The summary token is the class token (`summary_from = "cls"`) or the model's
+own pooled embedding (`"pool"`: `forward_head` with `pre_logits=True`, i.e. global average pool, SigLIP's
+attention pool, ...). Models that normalise only after pooling (`norm` = Identity, `fc_norm` set, e.g. EVA-02
+MIM) get `fc_norm` on every token, so patch tokens are normalised like the pooled one.
 """
 
 from __future__ import annotations
