@@ -34,8 +34,8 @@ def _torch_threads():
 
 def _handmade_unic_checkpoint(path: Path, *, student: str = "test_vit", image_size: int = 64,
                               blocks: tuple[int, ...] = (3, 5), shared_heads: bool = False, seed: int = 0) -> Path:
-    """A `unic distill` checkpoint in the INTERFACES.md layout, built by hand (no training): a random timm
-    student, random ladder heads, random standardiser statistics and a fake optimiser state. Teachers: t0
+    """A `unic distill` checkpoint in the layout `unic_cli.checkpoint` writes, built by hand (no training): a
+    random timm student, random ladder heads, random standardiser statistics and a fake optimiser state. Teachers: t0
     `tiny_a` (summary + patch, apache-2.0), t1 `tiny_nc` (patch only, cc-by-nc-4.0)."""
     import timm
     import torch
@@ -115,7 +115,8 @@ license = "apache-2.0"
 @pytest.fixture
 def tiny_teachers(tmp_path_factory, monkeypatch) -> tuple[str, str]:
     """Two tiny random timm teachers as registry cards (`tiny_a` = test_vit, `tiny_b` = test_vit2: one
-    register, no class token, pooled summary), in a tmp registry folder that is also exported as UNIC_REGISTRY_PATH for subprocesses."""
+    register, no class token, pooled summary), in a tmp registry folder that is also exported as
+    UNIC_REGISTRY_PATH for subprocesses."""
     from unic_cli import registry
 
     folder = tmp_path_factory.mktemp("registry")
@@ -143,3 +144,39 @@ def tiny_images(tmp_path_factory) -> Path:
         size = (int(rng.integers(64, 96)), int(rng.integers(64, 96)), 3)
         Image.fromarray(rng.integers(0, 255, size, dtype=np.uint8)).save(sub / f"{i:03d}.jpg")
     return folder
+
+
+_GREEDY_TEACHER = '''
+import torch
+from torch import nn
+
+
+class Greedy(nn.Module):
+    """A tiny ConvNet teacher whose forward on a batch of 4 or more asks the allocator for 40 TB: a real
+    allocation failure (the CPU allocator's error; CUDA raises torch.OutOfMemoryError the same way)."""
+
+    unic_card = {"family": "convnet", "image_size": 32, "patch_size": 8, "mean": [0.5, 0.5, 0.5],
+                 "std": [0.25, 0.25, 0.25], "summary_from": "pool", "license": "mit"}
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, kernel_size=8, stride=8)
+
+    def forward(self, x):
+        if x.shape[0] >= 4:
+            torch.empty(10**13)
+        fmap = self.conv(x)
+        return {"summary": fmap.mean(dim=(2, 3)), "patch": fmap}
+
+
+def build(pretrained=False):
+    return Greedy()
+'''
+
+
+@pytest.fixture()
+def greedy_teacher(tmp_path) -> str:
+    """A `py:` teacher spec whose forward runs out of memory at batch 4 or more (and works below)."""
+    path = tmp_path / "greedy_teacher.py"
+    path.write_text(_GREEDY_TEACHER)
+    return f"py:{path}:build"

@@ -72,3 +72,15 @@ def test_flops_per_image__matches_a_hand_count():
     flops = flops_per_image(config)
     assert flops == {"teachers": [vit], "student_and_ladder_forward": vit + ladder,
                      "train_step": vit + 3 * (vit + ladder)}
+
+
+def test_run_bench__a_batch_that_does_not_fit_is_one_message(tiny_images, greedy_teacher):
+    from unic_cli.errors import TrainingError
+
+    config = BenchConfig.from_sources(None, dict(teachers=(greedy_teacher,), student="test_vit", image_size=32,
+                                                 steps=1, device="cpu", batch_size=4))
+    with pytest.raises(TrainingError, match=r"batch size 4 does not fit on cpu \(can't allocate memory.*"
+                                            r"try --batch-size 2 --grad-accum-steps 2"):
+        run_bench(config, warmup=0)
+    sweep = run_bench(config, warmup=0, batch_sizes=[2, 4])  # the sweep keeps the largest batch that fits
+    assert sweep["batch_size"] == 2 and sweep["sweep"][-1] == {"batch_size": 4, "oom": True}

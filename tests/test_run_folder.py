@@ -297,3 +297,16 @@ def test_auto_resume__refuses_foreign_folders_overwrite_and_unknown_values(tiny_
         run(replace(config, out_dir=tmp_path / "new"), resume="auto", overwrite=True)
     with pytest.raises(ConfigError, match="resume='yes': give True, False or 'auto'"):
         run(config, resume="yes")
+
+
+def test_out_of_memory__one_message_with_the_step_the_checkpoint_and_what_to_change(tiny_images, greedy_teacher,
+                                                                                   tmp_path):
+    config = _config((greedy_teacher,), tiny_images, tmp_path / "r", image_size=32, drop_path_rate=0.0)
+    with pytest.raises(TrainingError) as info:
+        run(config)
+    message = str(info.value)
+    assert message.startswith("out of memory at step 1 on cpu with 4 images per process (can't allocate memory")
+    assert "no checkpoint was written yet" in message
+    assert "--batch-size 2 --grad-accum-steps 2 (the same global batch)" in message
+    assert "--student-dtype bf16" in message and "--try-batch-sizes" in message
+    assert info.value.__cause__ is None and info.value.__suppress_context__  # no torch traceback behind it

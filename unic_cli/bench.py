@@ -29,7 +29,8 @@ from pathlib import Path
 import torch
 
 from unic_cli.config import DistillConfig
-from unic_cli.devices import resolve_device
+from unic_cli.devices import memory_advice, out_of_memory, resolve_device
+from unic_cli.errors import TrainingError
 
 log = logging.getLogger("unic_cli")
 
@@ -144,8 +145,10 @@ def run_bench(config: DistillConfig, *, warmup: int = 2, batch_sizes: tuple[int,
             tr.config = replace(config, batch_size=batch_size)
             try:
                 results.append(_time_steps(tr, warmup, flops))
-            except torch.OutOfMemoryError:
-                log.warning("batch size %d does not fit on %s", batch_size, device)
+            except (torch.OutOfMemoryError, RuntimeError) as err:
+                if (what := out_of_memory(err)) is None:
+                    raise
+                log.warning("batch size %d does not fit on %s (%s)", batch_size, device, what)
                 results.append({"batch_size": batch_size, "oom": True})
                 break
             finally:
@@ -155,7 +158,10 @@ def run_bench(config: DistillConfig, *, warmup: int = 2, batch_sizes: tuple[int,
                     torch.cuda.empty_cache()
         fitting = [r for r in results if not r.get("oom")]
         if not fitting:
-            raise torch.OutOfMemoryError(f"batch size {results[0]['batch_size']} does not fit on {device}")
+            fp32_student = config.student_dtype == "fp32" or (config.student_dtype == "auto" and device.type != "cuda")
+            raise TrainingError(f"batch size {results[0]['batch_size']} does not fit on {device} ({what}); "
+                                + memory_advice(results[0]["batch_size"], config.grad_accum_steps, fp32_student,
+                                                bench_hint=False))
         best = {**max(fitting, key=lambda r: r["images_per_sec"]), "build_sec": build_s}
         if profile_dir is not None:
             tr.config = replace(config, batch_size=best["batch_size"])

@@ -240,6 +240,26 @@ def _prepare_run_dir(config: DistillConfig, *, resume: bool, overwrite: bool,
     return None, earlier
 
 
+@contextlib.contextmanager
+def _out_of_memory_report(config: DistillConfig, device: torch.device, where):
+    """An allocation failure in the training loop -> a TrainingError with the step, the last checkpoint and what
+    to change (`where()` gives the step and the last checkpoint at the time of the failure)."""
+    from unic_cli.devices import memory_advice, out_of_memory
+
+    try:
+        yield
+    except (torch.OutOfMemoryError, RuntimeError) as err:
+        if (what := out_of_memory(err)) is None:
+            raise
+        step, last_ckpt = where()
+        fp32_student = config.student_dtype == "fp32" or (config.student_dtype == "auto" and device.type != "cuda")
+        saved = (f"continue from {last_ckpt} with --resume and the new flags" if last_ckpt else
+                 "no checkpoint was written yet")
+        raise TrainingError(f"out of memory at step {step + 1} on {device} with {config.batch_size} images per "
+                            f"process ({what}); {saved}; "
+                            + memory_advice(config.batch_size, config.grad_accum_steps, fp32_student)) from None
+
+
 def _auto_resume(run_dir: Path, overwrite: bool) -> tuple[bool, bool]:
     """`resume="auto"` -> (resume, overwrite): resume when the folder holds a checkpoint; otherwise start, and
     replace what an earlier run that never checkpointed left (its config and logs: nothing to resume from).
@@ -478,7 +498,7 @@ def _train(config, dist, device, ckpt, earlier_run, *, hooks, timer) -> RunResul
         total_counters = run_counters()
         student_state = distributed.full_state_dict(core.student.model, fsdp)
         ladder_state = distributed.full_state_dict(core.ladder, fsdp)
-        optimizer_state = distributed.full_optimizer_state(tr.model, tr.optimizer, fsdp)
+        optimizer_state = distributed.full_optimizer_state(tr.optimizer, fsdp)
         if not dist.is_main:
             return None
         payload = {
@@ -510,7 +530,7 @@ def _train(config, dist, device, ckpt, earlier_run, *, hooks, timer) -> RunResul
     consecutive_skips = 0
     step = start_step
     stopping = False
-    with _StopRequest() as stop:
+    with _StopRequest() as stop, _out_of_memory_report(config, device, lambda: (step, last_ckpt)):
         while step < num_steps and not stopping:
             lr = learning_rate(step, peak_lr=peak_lr, min_lr=config.min_lr, warmup_steps=warmup, total_steps=num_steps)
             momentum = ema_momentum(step, total_steps=num_steps, start=config.ema_momentum_start,

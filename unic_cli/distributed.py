@@ -177,11 +177,6 @@ def wrap(model: nn.Module, device: torch.device, *, fsdp: bool) -> nn.Module:
     return DistributedDataParallel(model, device_ids=device_ids, gradient_as_bucket_view=True, **buffers)
 
 
-def unwrap(model: nn.Module) -> nn.Module:
-    """The DistillModel inside a DDP wrapper (FSDP2 shards in place, so its module is the model itself)."""
-    return getattr(model, "module", model)
-
-
 def full_state_dict(module: nn.Module, fsdp: bool) -> dict:
     """A plain (unsharded, CPU) state dict of `module`; with FSDP every rank must call it (it gathers)."""
     if not fsdp:
@@ -215,7 +210,7 @@ def load_full_state_dict(module: nn.Module, state: dict, fsdp: bool) -> None:
     module.load_state_dict(sharded)
 
 
-def full_optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer, fsdp: bool) -> dict:
+def full_optimizer_state(optimizer: torch.optim.Optimizer, fsdp: bool) -> dict:
     """`optimizer.state_dict()` with every sharded moment gathered (plain tensors, index-keyed as usual)."""
     state = optimizer.state_dict()
     if not fsdp:

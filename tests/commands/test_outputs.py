@@ -20,5 +20,6 @@ def test_out__under_or_at_a_file_is_one_message(command, out, tmp_path):
     args = [a.replace("{data}", str(tmp_path / "data")) for a in command] + ["--out", str(tmp_path / out)]
     result = CliRunner().invoke(unic, args)
     assert result.exit_code == 2 and "Traceback" not in result.output, result.output
-    want = "is a file, not a folder" if out == "a_file" else f"cannot be created: {str(tmp_path / 'a_file')!r} is a file"
+    a_file = str(tmp_path / "a_file")
+    want = "is a file, not a folder" if out == "a_file" else f"cannot be created: {a_file!r} is a file"
     assert want in result.output
