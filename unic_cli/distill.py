@@ -426,6 +426,32 @@ def _run(config, dist, device, *, resume, overwrite, hooks, timer) -> RunResult:
         raise
 
 
+def _restore(ckpt: dict, tr, loader, config: DistillConfig, dist) -> tuple[int, Path, dict, dict]:
+    """Resume the random streams and the data position from `ckpt` (the weights were loaded when the trainer was
+    built); rank 0 also keeps the earlier settings a resume changed and trims metrics.jsonl to the checkpoint.
+    Returns (step, checkpoint path, its last metrics line, the run's counters on this rank)."""
+    restore_rng_states(ckpt["rng"], tr.generator)
+    if dist.rank > 0:  # rank 0's saved stream, re-seeded per rank: stochastic depth must differ by rank
+        torch.manual_seed(config.seed + dist.rank + 7919 * ckpt["step"])
+    loader.load_state_dict(ckpt["data"])
+    step = ckpt["step"]
+    saved_counters = ckpt.get("counters") or {}
+    counters = {"skipped_images": 0, "skipped_steps": 0}
+    # skipped images are counted per rank and summed when logged: rank 0 carries the saved total
+    counters.update(saved_counters if dist.is_main else {"skipped_steps": saved_counters.get("skipped_steps", 0)})
+    if dist.is_main:
+        run_dir = config.out_dir
+        saved = DistillConfig.from_dict(ckpt["config"])
+        if changes := _config_changes(saved, config):
+            kept = run_dir / f"config.until_step_{step:07d}.toml"
+            _write_text_atomic(kept, saved.to_toml())
+            log.warning("changed on resume, from step %d on: %s (the earlier settings: %s)", step,
+                        ", ".join(f"{k} {a!r} -> {b!r}" for k, (a, b) in changes.items()), kept)
+        if (run_dir / "metrics.jsonl").exists():
+            _trim_metrics(run_dir / "metrics.jsonl", step)
+    return step, Path(ckpt["path"]), ckpt.get("last_metrics") or {}, counters
+
+
 def _train(config, dist, device, ckpt, earlier_run, *, hooks, timer) -> RunResult:
     from unic_cli.data import open_train_source
     from unic_cli.data.loader import steps_per_epoch as loader_steps_per_epoch
@@ -455,28 +481,12 @@ def _train(config, dist, device, ckpt, earlier_run, *, hooks, timer) -> RunResul
     peak_lr, fsdp = tr.peak_lr, config.fsdp
     warmup = config.warmup_steps if config.warmup_steps is not None else default_warmup_steps(num_steps)
 
-    start_step, last_ckpt, metrics_path = 0, None, run_dir / "metrics.jsonl"
-    last_metrics: dict = {}
-    counters = {"skipped_images": 0, "skipped_steps": 0}
-    if ckpt is not None:
-        restore_rng_states(ckpt["rng"], tr.generator)
-        if dist.rank > 0:  # rank 0's saved stream, re-seeded per rank: stochastic depth must differ by rank
-            torch.manual_seed(config.seed + dist.rank + 7919 * ckpt["step"])
-        loader.load_state_dict(ckpt["data"])
-        start_step, last_ckpt = ckpt["step"], Path(ckpt["path"])
-        last_metrics = ckpt.get("last_metrics") or {}
-        saved_counters = ckpt.get("counters") or {}
-        # skipped images are counted per rank and summed when logged: rank 0 carries the saved total
-        counters.update(saved_counters if dist.is_main else {"skipped_steps": saved_counters.get("skipped_steps", 0)})
-        if dist.is_main:
-            saved = DistillConfig.from_dict(ckpt["config"])
-            if changes := _config_changes(saved, config):
-                kept = run_dir / f"config.until_step_{start_step:07d}.toml"
-                _write_text_atomic(kept, saved.to_toml())
-                log.warning("changed on resume, from step %d on: %s (the earlier settings: %s)", start_step,
-                            ", ".join(f"{k} {a!r} -> {b!r}" for k, (a, b) in changes.items()), kept)
-            if metrics_path.exists():
-                _trim_metrics(metrics_path, start_step)
+    metrics_path = run_dir / "metrics.jsonl"
+    if ckpt is None:
+        start_step, last_ckpt, last_metrics = 0, None, {}
+        counters = {"skipped_images": 0, "skipped_steps": 0}
+    else:
+        start_step, last_ckpt, last_metrics, counters = _restore(ckpt, tr, loader, config, dist)
         log.info("resuming %s at step %d/%d on %d process(es)", run_dir, start_step, num_steps, dist.world_size)
         del ckpt  # free the host copy of the weights
     if dist.is_main:  # everything is built: only now may an earlier run (--overwrite) go
