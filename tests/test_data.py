@@ -585,7 +585,7 @@ def test_train_loader__an_unreadable_batch_keeps_the_ranks_in_step(tmp_path) -> 
     ranks = [build_train_loader(tmp_path, image_size=SIZE, batch_size=1, rank=r, world_size=2, num_workers=0,
                                 seed=0, augment="none") for r in (0, 1)]
     streams = [iter(loader) for loader in ranks]
-    repeats = 0
+    repeats, previous = 0, None
     for step in range(8):  # four epochs: the broken file is drawn four times, by either rank
         batches = [next(s) for s in streams]
         assert ranks[0].state_dict() == ranks[1].state_dict(), step  # same position: nobody read ahead

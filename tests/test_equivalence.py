@@ -24,7 +24,7 @@ from unic_cli import train_step
 from unic_cli.config import DistillConfig
 from unic_cli.data import Batch
 from unic_cli.distributed import DistInfo
-from unic_cli.schedule import ema_momentum, learning_rate, micro_batch_momentum
+from unic_cli.schedule import ema_momentum, learning_rate
 
 BASE = dict(student="test_vit", image_size=64, batch_size=8, base_lr=1e-2, device="cpu", random_init_teachers=True,
             teacher_dtype="fp32", drop_path_rate=0.0, warmup_steps=1, num_workers=0)
@@ -82,37 +82,44 @@ def _assert_same_training(a: dict, b: dict, rtol: float = 1e-5, atol: float = 1e
         for name in ga:
             torch.testing.assert_close(ga[name], gb[name], rtol=1e-4, atol=1e-6, msg=f"step {step} grad {name}")
     for name in a["weights"]:
-        torch.testing.assert_close(a["weights"][name], b["weights"][name], rtol=rtol, atol=atol, msg=name)
+        wa, wb = a["weights"][name], b["weights"][name]
+        if name.endswith("attn.qkv.bias"):
+            # The key bias adds a constant to every score of a query, which softmax ignores: its gradient is zero
+            # up to rounding (~1e-11), and AdamW scales that noise to steps of the learning rate's size.
+            width = wa.shape[0] // 3
+            wa, wb = torch.cat([wa[:width], wa[2 * width:]]), torch.cat([wb[:width], wb[2 * width:]])
+        torch.testing.assert_close(wa, wb, rtol=rtol, atol=atol, msg=name)
 
 
 # ---------------------------------------------------------------------------------------------
 # 1. Gradient accumulation
 
 
-def test_grad_accum__two_micro_batches_train_like_the_doubled_batch(tiny_teachers):
+@pytest.mark.parametrize("standardize", [False, True])
+def test_grad_accum__two_micro_batches_train_like_the_doubled_batch(tiny_teachers, standardize):
     # Teacher dropping on (p = 0.5): the coefficients must come from one draw per optimiser step, and the fused
-    # ladder's gradients must accumulate. Standardisation off: its statistics are per micro-batch by design.
-    big = _train(tiny_teachers, batch_size=8, grad_accum_steps=1, standardize=False)
-    accum = _train(tiny_teachers, batch_size=4, grad_accum_steps=2, standardize=False)
+    # ladder's gradients must accumulate. Standardisation on: the statistics must see the whole step's moments
+    # once, before any micro-batch is standardised (per-micro-batch updates differed by 0.3-2.9% in loss).
+    big = _train(tiny_teachers, batch_size=8, grad_accum_steps=1, standardize=standardize)
+    accum = _train(tiny_teachers, batch_size=4, grad_accum_steps=2, standardize=standardize)
     assert not torch.stack(big["coeff_T"]).eq(1).all()  # some teachers were dropped
     _assert_same_training(big, accum)
+    for key in big["stats"]:
+        torch.testing.assert_close(big["stats"][key], accum["stats"][key], rtol=1e-5, atol=1e-6, msg=key)
 
 
-def test_grad_accum__statistics_update_once_per_micro_batch_with_the_per_step_decay(tiny_teachers):
-    """The documented difference: with k micro-batches the EMA statistics take k updates of momentum
-    1 - (1 - m)^(1/k), each blending one micro-batch's moments, before that micro-batch is standardised."""
+def test_grad_accum__statistics_take_the_whole_steps_moments_once(tiny_teachers):
+    """k micro-batches: one EMA update with momentum m and the moments of all k*b images, as one batch would."""
     config = _config(tiny_teachers, batch_size=4, grad_accum_steps=2, steps=1, teacher_drop_prob=0.0)
     tr = train_step.build_trainer(config, torch.device("cpu"), DistInfo())
     images = _images(8)
     momentum = 0.7
     train_step.forward_backward(tr, _batches(images, 4), momentum, _no_timer)
-    micro = micro_batch_momentum(momentum, 2)
     for i, teacher in enumerate(tr.teachers):
-        mean_D, var_D = torch.zeros(teacher.card.patch_dim), torch.ones(teacher.card.patch_dim)
-        for part in images.split(4):
-            y = teacher(part).patch_BND.float().flatten(0, 1)
-            mu_D = y.mean(dim=0)
-            mean_D, var_D = mean_D.lerp(mu_D, micro), var_D.lerp(y.square().mean(dim=0) - mu_D.square(), micro)
+        y = teacher(images).patch_BND.float().flatten(0, 1)
+        mu_D = y.mean(dim=0)
+        mean_D = torch.zeros_like(mu_D).lerp(mu_D, momentum)
+        var_D = torch.ones_like(mu_D).lerp(y.square().mean(dim=0) - mu_D.square(), momentum)
         stats = tr.core.standardizers.stats[f"t{i}"]["patch"]
         torch.testing.assert_close(stats.mean_D, mean_D, rtol=1e-5, atol=1e-6)
         torch.testing.assert_close(stats.var_D, var_D, rtol=1e-5, atol=1e-6)
@@ -284,8 +291,8 @@ def _last_student(run_dir: Path) -> dict:
 @pytest.mark.slow  # two torchrun launches of two processes: about 50 s on 2 busy cores
 def test_fsdp_and_ddp__two_processes_with_accumulation_train_like_one(tiny_teachers, tiny_images, tmp_path):
     """2 gloo processes x 2 micro-batches of 2 images, under DDP and under FSDP2, against 1 process x 2
-    micro-batches of 4: the same global batches, teacher-dropping draws, statistics (moments averaged over
-    processes per micro-batch) and gradients, with the defaults' standardisation and teacher dropping."""
+    micro-batches of 4: the same global batches, teacher-dropping draws, statistics (the step's moments, averaged
+    over processes) and gradients, with the defaults' standardisation and teacher dropping."""
     from unic_cli.distill import run
 
     flags = dict(student="test_vit", image_size=64, steps=3, base_lr=1e-2, num_workers=0, augment="none",

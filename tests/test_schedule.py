@@ -27,12 +27,3 @@ def test_ema_momentum__official_cosine_from_one_to_a_thousandth():
 def test_cosine__clamps_and_handles_empty_schedules():
     assert cosine(500, 100, 1.0, 0.0) == 0.0 and cosine(0, 0, 1.0, 0.5) == 0.5
     assert default_warmup_steps(200) == 10 and default_warmup_steps(1) == 0
-
-
-@pytest.mark.parametrize("accum", [1, 2, 16])
-def test_micro_batch_momentum__k_updates_decay_as_one_step_update(accum):
-    from unic_cli.schedule import micro_batch_momentum
-
-    for m in (1.0, 0.5, 0.001):
-        per_micro = micro_batch_momentum(m, accum)
-        assert (1 - per_micro) ** accum == pytest.approx(1 - m, abs=1e-12)

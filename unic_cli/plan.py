@@ -47,6 +47,18 @@ class DistillModel(nn.Module):
         with torch.autocast(device_type, dtype=torch.bfloat16, enabled=self.student_bf16):
             return self.ladder(self.student(x_BCHW, self.ladder.blocks))
 
+    def update_standardizers(self, step_targets: Sequence[Sequence], momentum: float) -> None:
+        """Blend one optimiser step's teacher outputs into the statistics, once: `step_targets` holds each
+        micro-batch's TeacherTokens (one entry without gradient accumulation)."""
+        if self.standardizers is None:
+            return
+        for i, tokens in enumerate(step_targets[0]):
+            kinds = ["patch"] + (["summary"] if tokens.summary_BD is not None else [])
+            for kind in kinds:
+                field = "patch_BND" if kind == "patch" else "summary_BD"
+                self.standardizers.stats[f"t{i}"][kind].update([getattr(t[i], field) for t in step_targets],
+                                                               momentum)
+
     def losses(self, preds: Sequence[dict], targets: Sequence, momentum: float | None) -> TeacherLosses:
         """Predictions and each teacher's TeacherTokens -> per-teacher losses (standardising targets first).
 
@@ -293,7 +305,9 @@ def plan_distillation(config: DistillConfig) -> dict:
     activations //= 2 if student_bf16 else 1
     trainable = _num_params(model)
     teacher_params = sum(_num_params(t) for t in teachers)
-    target_bytes = sum(config.batch_size * (t.grid[0] * t.grid[1] + 1) * t.card.patch_dim * 4 for t in teachers)
+    # the step holds the teachers' tokens of all its micro-batches (train_step.forward_backward)
+    step_images = config.batch_size * config.grad_accum_steps
+    target_bytes = sum(step_images * (t.grid[0] * t.grid[1] + 1) * t.card.patch_dim * 4 for t in teachers)
     memory = {
         "weights_grads_adam": 16 * trainable,  # fp32 weights, grads and two AdamW moments
         "teachers": teacher_dtype.itemsize * teacher_params,

@@ -38,13 +38,6 @@ def ema_momentum(step: int, *, total_steps: int, start: float = 1.0, end: float 
     return cosine(step, total_steps, start, end)
 
 
-def micro_batch_momentum(momentum: float, accum_steps: int) -> float:
-    """The EMA momentum for each of `accum_steps` micro-batch updates that decays the statistics as one update
-    with `momentum` per optimiser step does: 1 - (1 - m)^(1/k). Runs with the same global batch then keep the
-    same statistics horizon whatever their gradient accumulation."""
-    return momentum if accum_steps <= 1 else 1.0 - (1.0 - momentum) ** (1.0 / accum_steps)
-
-
 def default_warmup_steps(total_steps: int) -> int:
     """5% of training, the official recipe's 10 warm-up epochs out of 200."""
     return max(1, round(0.05 * total_steps)) if total_steps > 1 else 0

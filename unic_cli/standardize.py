@@ -8,6 +8,9 @@ standardised to zero mean and unit variance per channel before the loss, with st
 The momentum follows `schedule.ema_momentum` (cosine 1.0 -> 0.001, the official defaults): the first step's
 statistics are that batch's own, later steps move them ever more slowly.
 
+Under gradient accumulation the statistics are updated once per optimiser step, with the moments of all its
+micro-batches, before any of them is standardised: k micro-batches of b images train like one batch of k*b.
+
 One deliberate difference from the official code: the statistics are updated with the current batch before they
 standardise it (the official code standardises with the previous statistics, so its first step sees raw,
 unstandardised features). Moments are computed in fp32 and averaged across processes, so every rank holds
@@ -34,10 +37,21 @@ class EmaStandardizer(nn.Module):
         self.register_buffer("var_D", torch.ones(dim))
 
     @torch.no_grad()
-    def update(self, y_xD: torch.Tensor, momentum: float) -> None:
-        """Blend this batch's moments (all leading dims pooled, averaged over processes) into the statistics."""
-        y_MD = y_xD.float().reshape(-1, y_xD.shape[-1])
-        moments_2D = torch.stack([y_MD.mean(dim=0), y_MD.square().mean(dim=0)])
+    def update(self, y_xD: torch.Tensor | Sequence[torch.Tensor], momentum: float) -> None:
+        """Blend one step's moments (all leading dims pooled, averaged over processes) into the statistics.
+
+        `y_xD` is the step's batch, or its micro-batches under gradient accumulation: their moments are pooled
+        (weighted by rows), so k micro-batches update the statistics exactly as the one batch of k*b would.
+        """
+        parts = [y_xD] if isinstance(y_xD, torch.Tensor) else list(y_xD)
+        if len(parts) == 1:
+            y_MD = parts[0].float().reshape(-1, parts[0].shape[-1])
+            moments_2D = torch.stack([y_MD.mean(dim=0), y_MD.square().mean(dim=0)])
+        else:
+            rows = [y.numel() // y.shape[-1] for y in parts]
+            moments_2D = sum(torch.stack([y.float().reshape(-1, y.shape[-1]).mean(dim=0),
+                                          y.float().reshape(-1, y.shape[-1]).square().mean(dim=0)]) * (m / sum(rows))
+                             for y, m in zip(parts, rows))
         all_reduce_mean_(moments_2D)  # equal batch sizes per rank, so the mean of means is the global mean
         mean_D, sq_D = moments_2D
         # A non-finite batch (a teacher overflowing in bf16) must leave no trace: its step is skipped or stops the

@@ -2,11 +2,14 @@
 
 Shape legend: B batch, C channels, H/W pixels, T teachers, M metric columns (losses.METRIC_COLUMNS).
 
-One optimiser step: for each micro-batch, uint8 images go to the device, every frozen teacher produces its tokens
-(no_grad, in its weights' dtype), the student and ladder predict them, the standardised targets give
-per-(teacher, image) losses, teacher dropping (Eq. 4) weights them, and the loss is back-propagated; then one
-reduction of the loss and the stop flag across processes (the step's only host-visible result), optional
-clipping, and the AdamW step. Under torchrun the trainable model is wrapped in DDP (or FSDP2 with `fsdp`).
+One optimiser step: for each micro-batch, uint8 images go to the device and every frozen teacher produces its
+tokens (no_grad, in its weights' dtype); the standardisation statistics take the step's moments once (every
+micro-batch, every process); then for each micro-batch the student and ladder predict the tokens, the
+standardised targets give per-(teacher, image) losses, teacher dropping (Eq. 4) weights them, and the loss is
+back-propagated; then one reduction of the loss and the stop flag across processes (the step's only
+host-visible result), optional clipping, and the AdamW step. So k micro-batches train exactly like one batch of
+k*b (statistics included); they hold the step's teacher tokens at once (about 1.4 MB per image for dinov2_g and
+metaclip_h in bf16). Under torchrun the trainable model is wrapped in DDP (or FSDP2 with `fsdp`).
 """
 
 from __future__ import annotations
@@ -21,7 +24,7 @@ from unic_cli import distributed
 from unic_cli.config import DistillConfig
 from unic_cli.distributed import DistInfo, all_reduce_mean_
 from unic_cli.losses import teacher_drop_coefficients, weighted_loss
-from unic_cli.schedule import micro_batch_momentum
+from unic_cli.teachers.base import TeacherTokens
 
 
 CUDA_GRAPH_MODES = ("max-autotune", "reduce-overhead")  # torch.compile modes that capture CUDA graphs
@@ -130,14 +133,14 @@ def forward_backward(tr: Trainer, batches, momentum: float, timer,
     `stop_requested` is asked after the last micro-batch (a signal during the step stops the run after it)."""
     config, dist = tr.config, tr.dist
     accum = config.grad_accum_steps
-    micro_momentum = micro_batch_momentum(momentum, accum)  # the statistics update once per micro-batch
     loss_sum = metrics_sum_TM = coeff_sum_T = 0.0
     num_images = num_skipped = 0
     cuda_graphs = config.compile and config.compile_mode in CUDA_GRAPH_MODES
     micro_images, own_offset = config.batch_size * dist.world_size, config.batch_size * dist.rank
     draws_TG = None
+    step_inputs = []  # (images on the device, every teacher's tokens) per micro-batch
     for micro in range(accum):
-        if cuda_graphs:  # the previous micro-batch's graph outputs are consumed: their memory may be reused
+        if cuda_graphs:  # a new iteration: earlier graph outputs are consumed or copied, their memory may be reused
             torch.compiler.cudagraph_mark_step_begin()
         batch = next(batches)
         num_skipped += batch.num_skipped
@@ -151,13 +154,21 @@ def forward_backward(tr: Trainer, batches, momentum: float, timer,
         images_BCHW = batch.images_BCHW.to(tr.device, non_blocking=True)
         with timer("teachers"):  # each teacher runs in its weights' dtype (Teacher.forward)
             targets = [teacher(images_BCHW) for teacher in tr.teachers]
+            if cuda_graphs and accum > 1:  # a graph's next replay overwrites its outputs: keep a copy
+                targets = [TeacherTokens(*(None if t is None else t.clone() for t in tokens)) for tokens in targets]
+        step_inputs.append((images_BCHW, targets))
+    with timer("loss"):  # the statistics see the whole step before any of it is standardised
+        tr.core.update_standardizers([targets for _, targets in step_inputs], momentum)
+    for micro, (images_BCHW, targets) in enumerate(step_inputs):
+        if cuda_graphs and micro > 0:  # the previous micro-batch's student outputs are consumed
+            torch.compiler.cudagraph_mark_step_begin()
         # DDP all-reduces gradients only on the last micro-batch
         sync = micro == accum - 1 or not hasattr(tr.model, "no_sync")
         with contextlib.nullcontext() if sync else tr.model.no_sync():
             with timer("student"):
                 preds = tr.model(images_BCHW)
             with timer("loss"):
-                out = tr.core.losses(preds, targets, micro_momentum)
+                out = tr.core.losses(preds, targets, None)  # standardised with the step's statistics
                 alpha_TB = teacher_drop_coefficients(out.loss_TB, config.teacher_drop_prob, tr.generator,
                                                      draws_TG=draws_TG, offset=micro_images * micro + own_offset)
                 loss = weighted_loss(out.loss_TB, alpha_TB)
@@ -166,6 +177,7 @@ def forward_backward(tr: Trainer, batches, momentum: float, timer,
         loss_sum = loss_sum + loss.detach() / accum
         metrics_sum_TM = metrics_sum_TM + out.metrics_TM / accum
         coeff_sum_T = coeff_sum_T + alpha_TB.mean(dim=1) / accum
+        step_inputs[micro] = None  # this micro-batch's images and targets are no longer needed
     # every rank must take the same finite/non-finite branch and stop at the same step
     loss_sum = loss_sum.float()
     check_2 = all_reduce_mean_(torch.stack([loss_sum, loss_sum.new_full((), float(stop_requested()))]))  # no H2D copy

@@ -29,6 +29,6 @@ from unic_cli.data.source import IMAGE_EXTENSIONS, list_image_folder, open_image
 
 __all__ = [
     "AUGMENTATIONS", "IMAGE_EXTENSIONS", "Batch", "EvalBatch", "EvalLoader", "TrainLoader", "augment_colour",
-    "augment_unic", "build_eval_loader", "build_train_loader", "decode_image", "list_image_folder", "load_crop", "open_train_source",
-    "open_image_source", "resize_center_crop",
+    "augment_unic", "build_eval_loader", "build_train_loader", "decode_image", "list_image_folder", "load_crop",
+    "open_image_source", "open_train_source", "resize_center_crop",
 ]

@@ -31,7 +31,7 @@ import numpy as np
 from unic_cli.data.source import describe_damaged, warn_damaged
 from unic_cli.errors import DataError
 
-logger = logging.getLogger("unic_cli")
+log = logging.getLogger("unic_cli")
 
 _IMAGE_NAMES = ("image", "img", "jpg", "jpeg", "png", "webp")
 _ROW_GROUP_CACHE = 2  # row groups kept per process (a batch mostly comes from one)
@@ -221,7 +221,7 @@ class ParquetSource(_LazyFiles):
             raise DataError(f"No readable rows{origin}: {describe_damaged(damaged)}; download or copy "
                             f"{'them' if len(damaged) > 1 else 'it'} again.")
         for path, problem in damaged:
-            logger.warning("Parquet file %s is unreadable (%s); skipping it", path, problem)
+            log.warning("Parquet file %s is unreadable (%s); skipping it", path, problem)
         self.files = readable
         self.column = column
         self._file_G, self._group_G = np.asarray(file_ids, np.int32), np.asarray(groups, np.int32)

@@ -9,6 +9,9 @@ import logging
 import math
 import numbers
 import os
+import signal
+import threading
+import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from functools import partial
@@ -20,16 +23,16 @@ import torch
 
 from unic_cli.data.image import (
     DECODE_ERRORS,
+    augment_colour,
     center_square_box,
+    load_crop,
     random_resized_crop_box,
     to_tensor,
-    augment_colour,
-    load_crop,
 )
 from unic_cli.data.source import list_image_folder, open_image_source
 from unic_cli.errors import DataError
 
-logger = logging.getLogger("unic_cli")
+log = logging.getLogger("unic_cli")
 
 AUGMENTATIONS = ("unic", "none")
 # Domain tags so the permutation and the augmentation streams never share a seed sequence.
@@ -131,9 +134,9 @@ class _SkipLog:
                 continue
             self.paths.add(path)
             if len(self.paths) <= _MAX_SKIP_WARNINGS:
-                logger.warning("Skipping unreadable image %s (%s)", path, reason)
+                log.warning("Skipping unreadable image %s (%s)", path, reason)
             if len(self.paths) == _MAX_SKIP_WARNINGS:
-                logger.warning("%d unreadable images so far; further ones are skipped and counted "
+                log.warning("%d unreadable images so far; further ones are skipped and counted "
                                "without a warning each", _MAX_SKIP_WARNINGS)
 
 
@@ -159,6 +162,38 @@ def _single_threaded(loader: torch.utils.data.DataLoader, num_workers: int) -> I
         yield item
 
 
+
+
+# A decoding worker that got SIGTERM exits this long after it (see `_shield_worker_from_stop_signals`).
+STOP_GRACE_S = 120.0
+
+
+def _shield_worker_from_stop_signals(worker_id: int) -> None:
+    """DataLoader `worker_init_fn`: SIGINT and SIGTERM leave the stop to the main process.
+
+    Ctrl-C (the terminal's process group), SLURM (every process of the job step), torchrun and `kill -- -PGID`
+    signal the workers too. torch's worker died of SIGTERM, and its SIGCHLD handler then raised in the main
+    process wherever it was (mid-step): the run ended with a traceback instead of finishing its step and
+    checkpointing (`unic_cli.distill`). Ctrl-C ended a worker quietly, losing its batch in progress. Now the
+    main process stops at a step boundary and shuts its workers down itself. A worker cannot tell who sent a
+    SIGTERM (Python's handlers get no sender), and its parent sends one to a worker that fails to exit
+    (DataLoader's shutdown, multiprocessing at exit), so SIGTERM still ends a worker, `STOP_GRACE_S` later.
+    """
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    # Python runs a handler only between bytecodes of the main thread, which a stuck worker never reaches; the
+    # wakeup fd is written by the C-level handler itself, so the grace thread wakes whatever the main thread does.
+    read_fd, write_fd = os.pipe()
+    os.set_blocking(write_fd, False)
+    signal.signal(signal.SIGTERM, lambda signum, frame: None)
+    signal.set_wakeup_fd(write_fd, warn_on_full_buffer=False)
+    threading.Thread(target=_exit_after_grace, args=(read_fd,), name="unic-stop-grace", daemon=True).start()
+
+
+def _exit_after_grace(read_fd: int) -> None:
+    while os.read(read_fd, 1) != bytes([signal.SIGTERM]):
+        pass
+    time.sleep(STOP_GRACE_S)
+    os._exit(0)  # exit code 0: the main process reports no failed worker (it stopped reading, or shut us down)
 
 
 PREFETCH_BYTES = 2 << 30  # uint8 batches prepared ahead by the workers of one training loader (see prefetch_factor)
@@ -236,13 +271,13 @@ class TrainLoader:
         """Resume at `state`'s position; a different batch size or process count keeps the position
         in images (exact when the global batch size is unchanged)."""
         if state.get("seed", self.seed) != self.seed or state.get("num_images", self.num_images) != self.num_images:
-            logger.warning("Resuming data with seed %s and %s images, saved with seed %s and %s images: "
+            log.warning("Resuming data with seed %s and %s images, saved with seed %s and %s images: "
                            "the order differs from the interrupted run", self.seed, self.num_images,
                            state.get("seed"), state.get("num_images"))
         global_batch = self.batch_size * self.world_size
         seen = state.get("samples_seen", state["batch_index"] * global_batch)
         if seen % global_batch:
-            logger.warning("Resuming with a global batch of %d images after %d images of epoch %d: "
+            log.warning("Resuming with a global batch of %d images after %d images of epoch %d: "
                            "restarting at image %d of that epoch", global_batch, seen, state["epoch"],
                            seen - seen % global_batch)
         self.epoch, self.batch_index = int(state["epoch"]), seen // global_batch
@@ -262,7 +297,8 @@ class TrainLoader:
             pin_memory=self.pin_memory,
             prefetch_factor=prefetch_factor(self.batch_size, self.dataset.image_size, self.num_workers)
             if self.num_workers else None,
-            persistent_workers=False, generator=generator)
+            persistent_workers=False, generator=generator,
+            worker_init_fn=_shield_worker_from_stop_signals if self.num_workers else None)
         pending_skipped, empty_run, previous_BCHW = 0, 0, None
         for images_BCHW, skipped in _single_threaded(loader, self.num_workers):
             self.batch_index += 1

@@ -19,7 +19,7 @@ import numpy as np
 
 from unic_cli.errors import DataError
 
-logger = logging.getLogger("unic_cli")
+log = logging.getLogger("unic_cli")
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm")
 
@@ -107,9 +107,9 @@ def warn_damaged(damaged: Sequence[tuple[str, str, int]], *, what: str, unit: st
     """One warning per damaged file of a source that still has readable items: (path, why, items kept)."""
     for path, problem, kept in damaged:
         if kept:
-            logger.warning("%s %s is unreadable after %d %s (%s); using those", what, path, kept, unit, problem)
+            log.warning("%s %s is unreadable after %d %s (%s); using those", what, path, kept, unit, problem)
         else:
-            logger.warning("%s %s is unreadable (%s); skipping it", what, path, problem)
+            log.warning("%s %s is unreadable (%s); skipping it", what, path, problem)
 
 
 def _tar_end_problem(shard: str, offset: int) -> str | None:
@@ -265,7 +265,7 @@ def open_image_source(data: Path | str):
         else:
             entries = list_image_folder(path)
             return PathTable(path, [p for p, _ in entries])
-    logger.info("Indexing %d tar shard(s) (headers only)", len(shards))
+    log.info("Indexing %d tar shard(s) (headers only)", len(shards))
     index = TarIndex(shards)
     if not len(index):
         raise DataError(f"No image member found in the tar shard(s) {index.root} (looked for "
