@@ -81,6 +81,19 @@ class _LazyGroup(click.Group):
             ctx.exit(130)  # the shell's code for SIGINT (click's own "Aborted!" exits 1)
 
 
+class NonEmptyPath(click.Path):
+    """click.Path (as a pathlib.Path) that refuses "": click would turn it into Path("."), the current folder,
+    so `--out ""` wrote a run into the cwd and `--config ""` said "'.' does not exist"."""
+
+    def __init__(self, **kwargs) -> None:
+        super().__init__(**{"path_type": Path, **kwargs})
+
+    def convert(self, value, param, ctx):
+        if isinstance(value, str) and not value.strip():
+            self.fail(f"{value!r} is empty; give a path", param, ctx)
+        return super().convert(value, param, ctx)
+
+
 def _add_registry(ctx: click.Context, param: click.Parameter, value: tuple[Path, ...]) -> tuple[Path, ...]:
     from unic_cli.registry import add_registry_dir
 
@@ -94,7 +107,7 @@ def _add_registry(ctx: click.Context, param: click.Parameter, value: tuple[Path,
 
 registry_option = click.option(
     "--registry",
-    type=click.Path(file_okay=False, path_type=Path),
+    type=NonEmptyPath(file_okay=False),
     multiple=True,
     expose_value=False,
     is_eager=True,

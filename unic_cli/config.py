@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import difflib
 import functools
+import math
 import sys
 import types
 import typing
@@ -45,6 +46,8 @@ def _coerce(name: str, annotation: Any, value: Any) -> Any:
     if annotation is Path:
         if not isinstance(value, (str, Path)):
             raise ConfigError(f"{name} must be a path, got {value!r}")
+        if isinstance(value, str) and not value.strip():  # Path("") is ".": `--out ""` would write into the cwd
+            raise ConfigError(f"{name} is empty ({value!r}); give a path")
         return Path(value).expanduser()
     if origin is tuple:
         if isinstance(value, (str, Path)):
@@ -54,12 +57,17 @@ def _coerce(name: str, annotation: Any, value: Any) -> Any:
         item = args[0] if args else Any
         return tuple(_coerce(name, item, v) for v in value)
     if annotation is float and isinstance(value, int) and not isinstance(value, bool):
-        return float(value)
+        value = float(value)
     if annotation in (int, float, str, bool):
         if annotation is int and isinstance(value, float) and value.is_integer():
-            return int(value)
+            value = int(value)
         if not isinstance(value, annotation) or (annotation is int and isinstance(value, bool)):
             raise ConfigError(f"{name} must be {annotation.__name__}, got {value!r}")
+        # nan passes every `x < bound` check and inf lr trains garbage; no setting means either
+        if annotation is float and not math.isfinite(value):
+            raise ConfigError(f"{name} must be a finite number, got {value}")
+        if annotation is int and abs(value) >= 2**63:  # torch sizes and seeds are int64: fail here, not in torch
+            raise ConfigError(f"{name} {value} is too large")
     return value
 
 
@@ -72,6 +80,16 @@ def _plain(value: Any) -> Any:
     if isinstance(value, dict):
         return {k: _plain(v) for k, v in value.items() if v is not None}
     return value
+
+
+# fields whose flag is not `--field-name` (the rest are: `--batch-size` sets batch_size)
+_FLAG_NAMES = {"data_dir": "--data", "out_dir": "--out", "run_dir": "--run", "profile_dir": "--profile",
+               "tasks": "--task", "models": "MODEL", "checkpoint": "RUN_OR_CHECKPOINT"}
+
+
+def flag_name(field_name: str) -> str:
+    """The command-line name of a config field, for messages (`data_dir` -> `--data`)."""
+    return _FLAG_NAMES.get(field_name, "--" + field_name.replace("_", "-"))
 
 
 def output_folder_problem(flag: str, path: Path) -> str | None:
@@ -132,15 +150,19 @@ class CommandConfig:
         if config_file is not None:
             try:
                 raw = tomllib.loads(Path(config_file).read_text(encoding="utf-8"))
-            except (OSError, tomllib.TOMLDecodeError) as err:
-                raise ConfigError(f"cannot read config file {str(config_file)!r}: {err}") from None
+            except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as err:
+                raise ConfigError(f"cannot read config file {str(config_file)!r}: {err}; give a TOML file such as "
+                                  f"a run's config.toml") from None
             raw.pop("unic_version", None)
             command = raw.pop("command", cls.command)
-            if command in cls.other_commands_read:  # e.g. a run's config.toml for `unic bench`
+            if not isinstance(command, str):
+                problems.append(f"{config_file}: command must be a string such as {cls.command!r}, got {command!r}")
+            elif command in cls.other_commands_read:  # e.g. a run's config.toml for `unic bench`
                 for key in cls.other_commands_read[command]:
                     raw.pop(key, None)
             elif command != cls.command:
-                problems.append(f"{config_file} is not a `unic {cls.command}` config")
+                problems.append(f"{config_file} is a `unic {command}` config, not a `unic {cls.command}` one; give "
+                                f"a `unic {cls.command}` config (or drop its `command = {command!r}` line)")
             for key in raw:
                 if key not in names:
                     close = difflib.get_close_matches(key, names, n=1)
@@ -161,10 +183,12 @@ class CommandConfig:
         for f in fields(cls):
             if f.name not in values:
                 if f.default is MISSING and f.default_factory is MISSING:
-                    problems.append(f"missing required setting --{f.name.replace('_', '-')}")
+                    problems.append(f"missing required setting {flag_name(f.name)}")
                 continue
+            # a wrong flag type is click's to report; a wrong value from the file names the file
+            label = flag_name(f.name) if f.name in given else f"{config_file}: {f.name}"
             try:
-                values[f.name] = _coerce(f.name, hints[f.name], values[f.name])
+                values[f.name] = _coerce(label, hints[f.name], values[f.name])
             except ConfigError as err:
                 problems.extend(err.problems)
         if problems:
@@ -335,22 +359,11 @@ class DistillConfig(CommandConfig):
     DEFAULT_EPOCHS: ClassVar[int] = 100
 
     def problems(self) -> list[str]:
-        from unic_cli.errors import UnicError
-        from unic_cli.registry import get_card, parse_teacher_spec
-
         problems = []
         if not self.teachers:
             problems.append("no teachers: give at least one with --teachers ALIAS [ALIAS ...]")
         for text in self.teachers:
-            try:
-                spec = parse_teacher_spec(text)
-                if spec.source == "alias":  # explicit specs are checked when their library loads them
-                    get_card(spec.target)
-                # a file, or a folder (HF save_pretrained; a folder with one weight file): checked in detail on load
-                if spec.weights is not None and not spec.weights.expanduser().exists():
-                    problems.append(f"teacher {text!r}: weights {str(spec.weights)!r} do not exist")
-            except UnicError as err:
-                problems.append(str(err))
+            problems.extend(teacher_spec_problems(text))
         if dupes := sorted({t for t in self.teachers if self.teachers.count(t) > 1}):
             problems.append(f"--teachers lists {', '.join(map(repr, dupes))} more than once")
         # a single .tar / .parquet file or a shard brace pattern is data too (the loader checks it in detail)
@@ -360,6 +373,12 @@ class DistillConfig(CommandConfig):
             problems.append(f"--data {str(self.data_dir)!r} {what}; give a folder of images")
         if problem := output_folder_problem("--out", self.out_dir):
             problems.append(problem)
+        elif self.command == "distill" and self.data_dir.is_dir() and (
+                self.out_dir.resolve() == self.data_dir.resolve() or self.data_dir.resolve() in
+                self.out_dir.resolve().parents):  # bench writes no run folder
+            problems.append(f"--out {str(self.out_dir)!r} is inside --data {str(self.data_dir)!r}: the run's plots "
+                            "(*.png) would become training images of later runs and resumes; choose an --out "
+                            "outside the data folder")
         for name in ("image_size", "batch_size", "grad_accum_steps", "log_every", "checkpoint_every"):
             if getattr(self, name) < 1:
                 problems.append(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
@@ -387,8 +406,8 @@ class DistillConfig(CommandConfig):
             if not 0.0 < getattr(self, name) <= 1.0:
                 problems.append(f"{name} must be in (0, 1], got {getattr(self, name)}")
         blocks = self.ladder_blocks.strip().lower()
-        if blocks not in ("all", "last") and not all(p.strip().lstrip("-").isdigit()
-                                                     for p in blocks.split(",") if p.strip()):
+        indices = [p.strip() for p in blocks.split(",") if p.strip()]
+        if blocks not in ("all", "last") and not (indices and all(p.lstrip("-").isdigit() for p in indices)):
             problems.append(f"--ladder-blocks must be 'all', 'last' or block indices like '3,7,11', "
                             f"got {self.ladder_blocks!r}")
         if self.augment not in ("unic", "none"):
@@ -409,6 +428,30 @@ class DistillConfig(CommandConfig):
         elif self.compile_mode != "default" and not self.compile:
             problems.append(f"--compile-mode {self.compile_mode} needs --compile (nothing is compiled without it)")
         return problems
+
+
+def teacher_spec_problems(text: str) -> list[str]:
+    """What is wrong with one `--teachers` entry, as far as it can be told without importing torch: the spec's
+    grammar, an alias and its `?key=value` overrides, the overrides' types, a weights path that does not exist."""
+    from unic_cli.errors import UnicError
+    from unic_cli.registry import apply_overrides, convert_overrides, get_card, parse_teacher_spec
+
+    try:
+        spec = parse_teacher_spec(text)
+        if "," in spec.name:  # no model name has one: "--teachers a,b" meant two teachers
+            return [f"teacher spec {text!r} holds a ','; give several teachers separated by spaces: "
+                    f"--teachers {' '.join(spec.name.split(','))}"]
+        origin = f"teacher spec {text!r}"
+        if spec.source == "alias":  # explicit specs are checked in full when their library loads them
+            apply_overrides(get_card(spec.target), spec.overrides, origin=origin)
+        elif spec.overrides:
+            convert_overrides(spec.overrides, origin=origin)
+        # a file, or a folder (HF save_pretrained; a folder with one weight file): checked in detail on load
+        if spec.weights is not None and not spec.weights.expanduser().exists():
+            return [f"teacher {text!r}: weights {str(spec.weights)!r} do not exist"]
+    except UnicError as err:
+        return [str(err)]
+    return []
 
 
 PROBE_TASKS: tuple[str, ...] = ("knn", "linear", "seg", "depth", "zeroshot")
@@ -487,6 +530,9 @@ class ProbeConfig(CommandConfig):
         problems = []
         if not self.models:
             problems.append("no models: give at least one MODEL (a student folder, teacher alias, spec or timm name)")
+        if any(not m.strip() for m in self.models):
+            problems.append(f"MODEL {[m for m in self.models if not m.strip()][0]!r} is empty; give a student "
+                            "folder, teacher alias, spec or timm name")
         if dupes := sorted({m for m in self.models if self.models.count(m) > 1}):
             problems.append(f"MODEL {', '.join(map(repr, dupes))} given more than once")
         if not self.tasks:
@@ -513,8 +559,17 @@ class ProbeConfig(CommandConfig):
                             "only choose where the reports go")
         for name in ("out_dir", "cache_dir"):
             path = getattr(self, name)
-            if path is not None and (problem := output_folder_problem(f"--{name.replace('_dir', '')}", path)):
+            if path is not None and (problem := output_folder_problem(flag_name(name), path)):
                 problems.append(problem)
+            elif path is not None and self.data_dir.is_dir():
+                # reports and caches in DATA/train/x would be read as class `x` (or images) by the next probe
+                for split in ("train", "val", "test"):
+                    folder = (self.data_dir / split).resolve()
+                    if path.resolve() == folder or folder in path.resolve().parents:
+                        problems.append(f"{flag_name(name)} {str(path)!r} is inside the data split "
+                                        f"{str(self.data_dir / split)!r}: its files would become part of the "
+                                        "dataset; choose a folder outside the data")
+                        break
         if self.eval_split not in (None, "val", "test"):
             problems.append(f"--eval-split must be val or test, got {self.eval_split!r}")
         if not 1 <= self.dense_layers <= 8:
@@ -584,6 +639,6 @@ class BenchConfig(DistillConfig):
             problems.append(f"--warmup must be >= 0, got {self.warmup}")
         if any(b < 1 for b in self.try_batch_sizes):
             problems.append(f"--try-batch-sizes must all be >= 1, got {list(self.try_batch_sizes)}")
-        if self.profile_dir is not None and self.profile_dir.exists() and not self.profile_dir.is_dir():
-            problems.append(f"--profile {str(self.profile_dir)!r} is a file; give a folder for the trace")
+        if self.profile_dir is not None and (problem := output_folder_problem("--profile", self.profile_dir)):
+            problems.append(f"{problem}; give a folder for the trace")
         return problems

@@ -51,7 +51,7 @@ def test_bench__bad_flags_are_reported_together_without_traceback(tmp_path):
     assert result.exit_code == 2 and "Traceback" not in result.output, result.output
     for message in ("Did you mean 'dinov2_g'", "--batch-size must be >= 1", "--warmup must be >= 0",
                     "--try-batch-sizes must all be >= 1", "--compile-mode max-autotune needs --compile",
-                    "a_file' is a file; give a folder"):
+                    "a_file' is a file, not a folder; give a folder for the trace"):
         assert message in result.output
 
 

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import click
 
-from unic_cli.cli import registry_option
+from unic_cli.cli import NonEmptyPath, registry_option
 from unic_cli.commands.distill import _config_options  # the very same flags as `unic distill`
 from unic_cli.config import BenchConfig
 
@@ -35,9 +35,9 @@ def _batch_sizes(ctx, param, value: str | None) -> tuple[int, ...] | None:
 @click.option("--warmup", type=int, help="Untimed steps before the timed --steps  [default: 2].")
 @click.option("--try-batch-sizes", callback=_batch_sizes, metavar="N,N,..",
               help="Per-process batch sizes to try in turn; reports the fastest that fits.")
-@click.option("--profile", "profile_dir", type=click.Path(path_type=Path), metavar="DIR",
+@click.option("--profile", "profile_dir", type=NonEmptyPath(), metavar="DIR",
               help="Then profile one step: DIR/trace.json (Perfetto), DIR/ops.txt, kernel time by kind.")
-@click.option("--config", "config_file", type=click.Path(dir_okay=False, path_type=Path),
+@click.option("--config", "config_file", type=NonEmptyPath(dir_okay=False),
               help="TOML setting any field (e.g. a run's config.toml); flags override it.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON line instead of a table.")
 @click.option("--dry-run", is_flag=True, help="Validate and print the FLOPs per image; time nothing.")
@@ -72,6 +72,8 @@ def bench(more_teachers, teachers, config_file, as_json, dry_run, ignored_run_fl
     flags = {**flags, "teachers": specs or None}
     config = BenchConfig.from_sources(config_file, flags)
     if dry_run:
+        if config.profile_dir is not None or config.try_batch_sizes:
+            log.warning("--profile / --try-batch-sizes ignored with --dry-run: nothing is timed or profiled")
         _print_dry_run(config, as_json)
         return
 

@@ -2,17 +2,16 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import click
 
+from unic_cli.cli import NonEmptyPath
 from unic_cli.demo import DemoConfig
 
 _D = DemoConfig.field_defaults()
 
 
 @click.command()
-@click.option("--out", "--out-dir", "out_dir", type=click.Path(path_type=Path), metavar="DIR",
+@click.option("--out", "--out-dir", "out_dir", type=NonEmptyPath(), metavar="DIR",
               help=f"Data, run, exported student and probe reports.  [default: {_D['out_dir']}]")
 @click.option("--steps", type=int, help=f"Distillation steps of 32 images.  [default: {_D['steps']}]")
 @click.option("--device", help=f"auto, cpu, cuda or cuda:N.  [default: {_D['device']}]")

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import click
 
-from unic_cli.cli import registry_option
+from unic_cli.cli import NonEmptyPath, registry_option
 from unic_cli.config import DistillConfig
 
 _D = DistillConfig.field_defaults()
@@ -54,8 +54,8 @@ _FLAGS = [
     (("--weight-decay",), dict(type=float, help=_help("AdamW weight decay.", "weight_decay"))),
     (("--grad-clip",), dict(type=float, help=_help("Max gradient norm; 0 is off.", "grad_clip"))),
     (("--grad-accum-steps",), dict(type=int, help=_help(
-        "Micro-batches per optimiser step: trains like a batch this many times larger (standardisation aside, "
-        "docs/distill.md).", "grad_accum_steps"))),
+        "Micro-batches per optimiser step: trains like a batch this many times larger (docs/distill.md).",
+        "grad_accum_steps"))),
     (("--drop-path-rate",), dict(type=float, help=_help("Student stochastic depth.", "drop_path_rate"))),
     (("--ema-momentum-start",), dict(type=float, help=_help("Standardisation EMA momentum at step 0.",
                                                             "ema_momentum_start"))),
@@ -110,7 +110,7 @@ def _config_options(fn=None, *, hidden: tuple[str, ...] = (), helps: dict[str, s
               help="Teachers: registry aliases (`unic teachers`) or explicit specs, several after one flag; "
                    "SPEC?resolution=native feeds a ViT teacher its own image size.")
 @_config_options
-@click.option("--config", "config_file", type=click.Path(dir_okay=False, path_type=Path),
+@click.option("--config", "config_file", type=NonEmptyPath(dir_okay=False),
               help="TOML setting any field (e.g. a run's config.toml); flags override it.")
 @click.option("--resume", is_flag=True, help="Continue the run in --out exactly where it stopped.")
 @click.option("--auto-resume", is_flag=True,
@@ -151,6 +151,11 @@ def distill(ctx, more_teachers, teachers, config_file, resume, auto_resume, over
         if auto_resume and given:
             raise ConfigError(f"--auto-resume with {flag}: --auto-resume resumes when --out holds a checkpoint and "
                               f"starts the run otherwise; drop {flag}")
+    if resume and overwrite:
+        raise ConfigError("--resume with --overwrite: --resume continues the run in --out, --overwrite replaces it; "
+                          "drop one")
+    if as_json and not dry_run:
+        raise ConfigError("--json prints the --dry-run plan; add --dry-run, or drop --json")
     if auto_resume and config_file is None:  # resuming: as --resume, the run's settings first, then the flags
         from unic_cli.checkpoint import find_checkpoint
 

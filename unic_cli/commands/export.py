@@ -6,13 +6,13 @@ from pathlib import Path
 
 import click
 
-from unic_cli.cli import registry_option
+from unic_cli.cli import NonEmptyPath, registry_option
 
 
 @click.command()
-@click.argument("checkpoint", metavar="RUN_OR_CHECKPOINT", type=click.Path(path_type=Path))
+@click.argument("checkpoint", metavar="RUN_OR_CHECKPOINT", type=NonEmptyPath())
 @click.argument("more_heads", nargs=-1, metavar="")
-@click.option("--out", "-o", type=click.Path(path_type=Path), required=True,
+@click.option("--out", "-o", type=NonEmptyPath(), required=True,
               help="Folder to write (model.safetensors, config.json, unic.json, README.md).")
 @click.option("--keep-heads", multiple=True, metavar="ALIAS",
               help="Also keep these teachers' projector heads and statistics (heads.safetensors), e.g. a CLIP "

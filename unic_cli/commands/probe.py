@@ -2,11 +2,9 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import click
 
-from unic_cli.cli import registry_option
+from unic_cli.cli import NonEmptyPath, registry_option
 from unic_cli.config import PROBE_TASKS, ProbeConfig
 
 _DEFAULT = ProbeConfig.field_defaults()
@@ -20,13 +18,13 @@ def _show(name: str) -> str:
 @click.argument("models", nargs=-1, metavar="MODEL...")
 @click.option("--task", "-t", "tasks", multiple=True, metavar="TASK",
               help=f"{' | '.join(PROBE_TASKS)}; repeat (or comma-separate) for several tasks on the same data.")
-@click.option("--data", "--data-dir", "data_dir", type=click.Path(path_type=Path), metavar="DIR",
+@click.option("--data", "--data-dir", "data_dir", type=NonEmptyPath(), metavar="DIR",
               help="Dataset folder with train/ and val/ or test/ (class folders, or images/ + masks/|depth/).")
-@click.option("--out", "--out-dir", "out_dir", type=click.Path(path_type=Path), metavar="DIR",
+@click.option("--out", "--out-dir", "out_dir", type=NonEmptyPath(), metavar="DIR",
               help="Where probe.json, probe.md and probe.png go.  [default: RUN/probe with --run, else ./probe]")
-@click.option("--run", "run_dir", type=click.Path(path_type=Path), metavar="RUN_DIR",
+@click.option("--run", "run_dir", type=NonEmptyPath(), metavar="RUN_DIR",
               help="A `unic distill` run: results are merged into RUN_DIR/probe.json for the export's model card.")
-@click.option("--cache-dir", type=click.Path(path_type=Path), metavar="DIR",
+@click.option("--cache-dir", type=NonEmptyPath(), metavar="DIR",
               help="Feature cache (reused when only probe settings change).  [default: OUT/cache]")
 @click.option("--eval-split", type=click.Choice(["val", "test"]), help="[default: test when present, else val]")
 @click.option("--dense-image-size", type=int, metavar="PX",
@@ -45,7 +43,7 @@ def _show(name: str) -> str:
 @click.option("--num-workers", type=int, help="Image decoding workers." + _show("num_workers"))
 @click.option("--device", help="auto, cpu, cuda or cuda:N." + _show("device"))
 @click.option("--seed", type=int, help=_show("seed").strip())
-@click.option("--config", "config_file", type=click.Path(exists=True, dir_okay=False, path_type=Path),
+@click.option("--config", "config_file", type=NonEmptyPath(exists=True, dir_okay=False),
               help="TOML setting any ProbeConfig field (knn_ks, linear_lrs, dense_steps, ...); flags override it.")
 @registry_option
 def probe(models, tasks, config_file, **flags) -> None:

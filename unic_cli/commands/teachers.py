@@ -63,7 +63,21 @@ def _table(cards) -> None:
     console.print(table)
 
 
-@click.group(invoke_without_command=True)
+class _TeachersGroup(click.Group):
+    def resolve_command(self, ctx, args):
+        try:
+            return super().resolve_command(ctx, args)
+        except click.UsageError:
+            import difflib
+
+            close = difflib.get_close_matches(args[0], self.list_commands(ctx), n=1) if args else []
+            if args and not close:  # `unic teachers dinov2_g`: a card was meant
+                raise click.UsageError(f"No such command {args[0]!r}; to show one card: unic teachers show "
+                                       f"{args[0]}", ctx) from None
+            raise
+
+
+@click.group(cls=_TeachersGroup, invoke_without_command=True)
 @click.option("--json", "as_json", is_flag=True, help="Print all cards as JSON, for scripts.")
 @registry_option
 @click.pass_context
@@ -176,7 +190,14 @@ def check(spec: str, image_size: int, patch_size: int, random_init: bool, device
       unic teachers check 'dinov2_g=/weights/dinov2_vitg14.safetensors' --image-size 224 --patch-size 14
     """
     grid = _student_grid(image_size, patch_size)
-    from unic_cli.devices import resolve_device  # a bad or absent device is one ConfigError
+    from unic_cli.config import teacher_spec_problems
+    from unic_cli.devices import device_problem
+    from unic_cli.errors import ConfigError
+
+    # what can be told without torch comes back at once, not after a 3 s import
+    if problems := [*teacher_spec_problems(spec), *filter(None, [device_problem(device)])]:
+        raise ConfigError(problems)
+    from unic_cli.devices import resolve_device  # an absent CUDA device is one ConfigError
     from unic_cli.teachers import check_teacher  # imports torch
 
     report = check_teacher(spec, grid=grid, pretrained=not random_init, device=str(resolve_device(device)))

@@ -1,0 +1,115 @@
+"""Error paths found by the s7 CLI fuzz audit: each is one message naming the value, exit 2, no traceback, before
+anything heavy loads, and nothing left on disk."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+from click.testing import CliRunner
+
+from unic_cli.cli import unic
+
+
+def _fails(args: list[str], *messages: str) -> str:
+    result = CliRunner().invoke(unic, args)
+    assert result.exit_code == 2, result.output
+    assert "Traceback" not in result.output
+    assert result.exception is None or isinstance(result.exception, SystemExit)
+    for message in messages:
+        assert message in result.output, result.output
+    return result.output
+
+
+@pytest.fixture
+def in_empty_cwd(tmp_path, monkeypatch):
+    """An empty working folder with an empty `data/` in it; the test checks that nothing else appears there."""
+    (tmp_path / "data").mkdir()
+    monkeypatch.chdir(tmp_path)
+    yield tmp_path
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["data"]
+
+
+# "--batch-size 0" is a second mistake in every command line: were the one under test missed, the command still
+# stops at validation instead of training a default-sized model
+DISTILL = ["distill", "-t", "timm:test_vit", "--data", "data", "--out", "run", "--batch-size", "0"]
+PROBE = ["probe", "timm:test_vit", "--task", "knn", "--batch-size", "0"]
+
+
+@pytest.mark.parametrize(("args", "message"), [
+    ([*DISTILL, "--base-lr", "nan"], "--base-lr must be a finite number, got nan"),
+    ([*DISTILL, "--weight-decay", "inf"], "--weight-decay must be a finite number, got inf"),
+    (["bench", "-t", "timm:test_vit", "--batch-size", "0", "--grad-clip", "nan"],
+     "--grad-clip must be a finite number, got nan"),
+    ([*PROBE, "--data", "data", "--depth-scale", "inf"],
+     "--depth-scale must be a finite number, got inf"),
+    ([*DISTILL, "--ladder-hidden", str(10**20)], "--ladder-hidden 100000000000000000000 is too large"),
+])
+def test_numbers__nan_inf_and_overflow_are_refused(in_empty_cwd, args, message):
+    _fails(args, message)
+
+
+@pytest.mark.parametrize(("args", "message"), [
+    ([*DISTILL, "--out", ""], "--out is empty ('')"),
+    ([*DISTILL, "--data", " "], "--data is empty (' ')"),
+    (["export", "run", "--out", ""], "Invalid value for '--out' / '-o': '' is empty; give a path"),
+    ([*PROBE, "--data", ""], "'--data' / '--data-dir': '' is empty"),
+    (["demo", "--out", ""], "'' is empty; give a path"),
+    (["--registry", "", "teachers"], "Invalid value for '--registry': '' is empty"),
+    (["distill", "--config", ""], "Invalid value for '--config': '' is empty"),
+    ([*PROBE, "", "--data", "data"], "MODEL '' is empty"),
+])
+def test_paths__an_empty_string_is_not_the_current_folder(in_empty_cwd, args, message):
+    _fails(args, message)
+
+
+def test_config_file__bad_bytes_another_command_and_wrong_types_name_the_file(tmp_path):
+    binary = tmp_path / "binary.toml"
+    binary.write_bytes(b"\xff\xfe\x00garbage")
+    _fails(["distill", "--config", str(binary)], f"cannot read config file {str(binary)!r}", "give a TOML file")
+    other = tmp_path / "export.toml"
+    other.write_text('command = "export"\nbatch_size = "big"\n')
+    _fails(["distill", "--config", str(other), "-t", "timm:test_vit", "--data", str(tmp_path)],
+           "is a `unic export` config, not a `unic distill` one", f"{other}: batch_size must be int, got 'big'")
+    nan = tmp_path / "nan.toml"
+    nan.write_text('command = "probe"\nknn_temperature = nan\n')
+    _fails([*PROBE, "--data", str(tmp_path), "--config", str(nan)],
+           f"{nan}: knn_temperature must be a finite number, got nan")
+
+
+def test_outputs__inside_the_data_are_refused(in_empty_cwd):
+    _fails([*DISTILL, "--out", "data/run"], "--out 'data/run' is inside --data 'data'")
+    (in_empty_cwd / "data" / "train").mkdir()
+    _fails([*PROBE, "--data", "data", "--out", "data/train/x"], "--out 'data/train/x' is inside the data split")
+
+
+def test_distill__contradictions_and_empty_choices(in_empty_cwd):
+    _fails([*DISTILL, "--resume", "--overwrite"], "--resume with --overwrite")
+    _fails([*DISTILL, "--json"], "--json prints the --dry-run plan")
+    _fails([*DISTILL, "--ladder-blocks", ",,"], "--ladder-blocks must be 'all', 'last' or block indices")
+    _fails([*DISTILL, "-t", "timm:test_vit,timm:test_vit2"],
+           "give several teachers separated by spaces: --teachers timm:test_vit timm:test_vit2")
+    _fails(["distill", "-t", "dinov2_s?image_size=0", *DISTILL[3:]], "image_size must be positive, got 0")
+
+
+def test_output_folders__under_a_file_name_the_flag(tmp_path):
+    (tmp_path / "a_file").write_text("")
+    _fails(["bench", "-t", "timm:test_vit", "--batch-size", "0", "--profile", str(tmp_path / "a_file" / "prof")],
+           "--profile", "cannot be created", "a_file' is a file")
+    _fails([*PROBE, "--data", str(tmp_path), "--cache-dir", str(tmp_path / "a_file")], "--cache-dir ")
+
+
+def test_teachers__an_alias_as_subcommand_points_at_show():
+    _fails(["teachers", "dinov2_g"], "to show one card: unic teachers show dinov2_g")
+
+
+def test_teachers_check__bad_spec_and_device_are_reported_before_torch_loads():
+    code = ("import sys\nfrom click.testing import CliRunner\nfrom unic_cli.cli import unic\n"
+            "r = CliRunner().invoke(unic, ['teachers', 'check', 'dinov2_gg', '--device', 'gpu'])\n"
+            "print(r.exit_code, 'torch' in sys.modules)\nprint(r.output)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                         env={**os.environ, "HF_HUB_OFFLINE": "1"}).stdout
+    assert out.startswith("2 False"), out
+    assert "Did you mean 'dinov2_g'" in out and "--device must be auto, cpu, cuda or cuda:N, got 'gpu'" in out
