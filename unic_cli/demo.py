@@ -21,7 +21,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
 
-from unic_cli.config import CommandConfig
+from unic_cli.config import CommandConfig, output_folder_problem
+from unic_cli.devices import device_problem
 from unic_cli.errors import ConfigError, DataError
 
 log = logging.getLogger("unic_cli")
@@ -101,11 +102,10 @@ class DemoConfig(CommandConfig):
             problems.append(f"--steps must be >= 1, got {self.steps}")
         if self.seed < 0:
             problems.append(f"--seed must be >= 0, got {self.seed}")
-        device = self.device
-        if not (device in ("auto", "cpu", "cuda") or (device.startswith("cuda:") and device[5:].isdigit())):
-            problems.append(f"--device must be auto, cpu, cuda or cuda:N, got {device!r}")
-        if self.out_dir.exists() and not self.out_dir.is_dir():
-            problems.append(f"--out {str(self.out_dir)!r} exists and is not a folder")
+        if problem := device_problem(self.device):
+            problems.append(problem)
+        if problem := output_folder_problem("--out", self.out_dir):  # a file there, or among its parents
+            problems.append(problem)
         elif self.out_dir.is_dir() and any(self.out_dir.iterdir()) and not self.overwrite:
             problems.append(f"--out {str(self.out_dir)!r} already holds files; pass --overwrite to replace the "
                             "earlier demo, or choose another --out")
@@ -235,6 +235,7 @@ def run_demo(config: DemoConfig, *, hooks=None, progress=None) -> DemoResult:
     import shutil
 
     from unic_cli.config import DistillConfig, ProbeConfig
+    from unic_cli.devices import resolve_device
     from unic_cli.distill import run as run_distill
     from unic_cli.export import export_student
     from unic_cli.probe import run_probe
@@ -242,6 +243,7 @@ def run_demo(config: DemoConfig, *, hooks=None, progress=None) -> DemoResult:
 
     seconds: dict[str, float] = {}
     start = time.perf_counter()
+    resolve_device(config.device)  # no CUDA for --device cuda: say so before anything is written
     out = config.out_dir
     if out.is_dir() and config.overwrite:
         if problem := overwrite_problem(out):  # checked again: a config built without validate()

@@ -36,7 +36,7 @@ from unic_cli import __version__
 from unic_cli.checkpoint import (find_checkpoint, load_checkpoint, remove_stale_temporaries, restore_rng_states,
                                  rng_states, save_checkpoint)
 from unic_cli.config import DistillConfig, tomllib
-from unic_cli.devices import resolve_device
+from unic_cli.devices import memory_advice, out_of_memory, resolve_device
 from unic_cli import distributed
 from unic_cli.distributed import all_reduce_mean_, dist_info
 from unic_cli.errors import ConfigError, TrainingError
@@ -244,8 +244,6 @@ def _prepare_run_dir(config: DistillConfig, *, resume: bool, overwrite: bool,
 def _out_of_memory_report(config: DistillConfig, device: torch.device, where):
     """An allocation failure in the training loop -> a TrainingError with the step, the last checkpoint and what
     to change (`where()` gives the step and the last checkpoint at the time of the failure)."""
-    from unic_cli.devices import memory_advice, out_of_memory
-
     try:
         yield
     except (torch.OutOfMemoryError, RuntimeError) as err:
@@ -473,7 +471,14 @@ def _train(config, dist, device, ckpt, earlier_run, *, hooks, timer) -> RunResul
             log.info("%s already finished at step %d/%d (loss %s); nothing to do", run_dir, ckpt["step"], planned,
                      last_metrics.get("loss"))
             return RunResult(run_dir, ckpt["step"], planned, "done", Path(ckpt["path"]), last_metrics)
-    tr = build_trainer(config, device, dist, ckpt)
+    try:
+        tr = build_trainer(config, device, dist, ckpt)
+    except (torch.OutOfMemoryError, RuntimeError) as err:
+        if (what := out_of_memory(err)) is None:
+            raise
+        raise TrainingError(f"out of memory building the student, its ladder and the teachers on {device} ({what}); "
+                            "`unic distill --dry-run` with the same flags lists their sizes: check --student, "
+                            "--ladder-hidden, --ladder-last-hidden and the teachers") from None
     loader = train_loader(config, tr.teachers, rank=dist.rank, world_size=dist.world_size, source=source)
     num_steps, steps_per_epoch = total_steps(config, loader.steps_per_epoch)
     info = describe(config, tr.core, tr.teachers)

@@ -147,8 +147,9 @@ def build_student(name: str, *, image_size: int, drop_path_rate: float = 0.0) ->
     try:
         model = timm.create_model(name, pretrained=False, drop_path_rate=drop_path_rate, **model_args)
     except TypeError as err:  # e.g. a ConvNet that takes no img_size
-        raise ConfigError(f"--student {name!r} cannot be built as a ViT student ({err}); unic students must be "
-                          f"{SUPPORTED_HINT}.") from None
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__  # no C++ frames
+        raise ConfigError(f"--student {name!r} cannot be built as a ViT student at --image-size {image_size} "
+                          f"({first}); unic students must be {SUPPORTED_HINT}.") from None
     family = type(model).__name__
     if family not in SUPPORTED_CLASSES:
         raise ConfigError(f"--student {name!r} is a timm {family}; unic students must be {SUPPORTED_HINT}.")

@@ -15,6 +15,7 @@ metaclip_h in bf16). Under torchrun the trainable model is wrapped in DDP (or FS
 from __future__ import annotations
 
 import contextlib
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -23,6 +24,7 @@ import torch
 from unic_cli import distributed
 from unic_cli.config import DistillConfig
 from unic_cli.distributed import DistInfo, all_reduce_mean_
+from unic_cli.errors import ConfigError
 from unic_cli.losses import teacher_drop_coefficients, weighted_loss
 from unic_cli.teachers.base import TeacherTokens
 
@@ -78,6 +80,11 @@ def build_trainer(config: DistillConfig, device: torch.device, dist: DistInfo, c
     from unic_cli.registry import TeacherCard
     from unic_cli.student import build_student
 
+    global_batch = global_batch_size(config, dist.world_size)
+    peak_lr = config.base_lr * global_batch / 256
+    if not math.isfinite(peak_lr):  # a --base-lr near the float limit, times the global batch
+        raise ConfigError(f"--base-lr {config.base_lr} x a global batch of {global_batch} / 256 overflows; "
+                          "AdamW learning rates are around 1e-4 to 1e-3")
     teacher_dtype, student_bf16 = resolve_dtypes(config, device)
     torch.manual_seed(config.seed)
     student = build_student(config.student, image_size=config.image_size, drop_path_rate=config.drop_path_rate)
@@ -95,7 +102,6 @@ def build_trainer(config: DistillConfig, device: torch.device, dist: DistInfo, c
     model = distributed.wrap(core, device, fsdp=config.fsdp)
     if ckpt is not None and config.fsdp:
         _load_weights(core, ckpt, fsdp=True)
-    peak_lr = config.base_lr * global_batch_size(config, dist.world_size) / 256
     # fused AdamW: one kernel for all parameters instead of a dozen per tensor, on CUDA. On the CPU the default
     # multi-tensor path measured faster (0.3 s vs 1.2 s per step for a 53M-parameter ladder on 2 threads).
     optimizer = torch.optim.AdamW(param_groups(core, config.weight_decay), lr=peak_lr, betas=tuple(config.betas),

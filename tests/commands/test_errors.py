@@ -113,3 +113,32 @@ def test_teachers_check__bad_spec_and_device_are_reported_before_torch_loads():
                          env={**os.environ, "HF_HUB_OFFLINE": "1"}).stdout
     assert out.startswith("2 False"), out
     assert "Did you mean 'dinov2_g'" in out and "--device must be auto, cpu, cuda or cuda:N, got 'gpu'" in out
+
+
+def test_demo__an_out_under_a_file_and_an_absent_cuda_are_refused_before_anything_is_written(tmp_path):
+    import torch
+
+    (tmp_path / "afile.txt").write_text("x")
+    _fails(["demo", "--out", str(tmp_path / "afile.txt" / "x")], "afile.txt' is a file")
+    if not torch.cuda.is_available():
+        _fails(["demo", "--out", str(tmp_path / "d"), "--device", "cuda"], "CUDA is not available")
+        assert not (tmp_path / "d").exists()  # no .unic-demo marker, no data/ left behind
+
+
+def test_distill__sizes_that_cannot_be_built_are_one_message(tiny_images, tmp_path):
+    base = ["distill", "-t", "timm:test_vit", "--random-init-teachers", "--student", "test_vit", "--data",
+            str(tiny_images), "--out", str(tmp_path / "r"), "--batch-size", "4", "--steps", "1", "--num-workers", "0"]
+    result = CliRunner().invoke(unic, [*base, "--image-size", "32", "--ladder-hidden", "1000000000000"])
+    assert result.exit_code == 1 and "out of memory building the student, its ladder and the teachers" in result.output
+    assert "Traceback" not in result.output and isinstance(result.exception, SystemExit)
+    output = _fails([*base, "--image-size", "1099511627776"], "cannot be built as a ViT student at --image-size")
+    assert "frame #" not in output  # torch's C++ stack is not part of the message
+    _fails([*base, "--image-size", "32", "--base-lr", "1e308"], "overflows; AdamW learning rates are around")
+    assert not (tmp_path / "r").exists()
+
+
+def test_teachers_check__blank_images_that_do_not_fit_are_one_message():
+    result = CliRunner().invoke(unic, ["teachers", "check", "timm:test_vit", "--random-init", "--image-size",
+                                       "160000"])
+    assert result.exit_code == 2 and "do not fit on cpu" in result.output and "lower --image-size" in result.output
+    assert "Traceback" not in result.output

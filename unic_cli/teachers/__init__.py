@@ -135,11 +135,20 @@ def check_teacher(
 
     import torch
 
+    from unic_cli.devices import out_of_memory
+
     start = time.perf_counter()
     teacher = load_teacher(spec, grid=grid, pretrained=pretrained, device=device)
     loaded = time.perf_counter()
-    images_BCHW = torch.zeros(batch_size, 3, *teacher.input_size, dtype=torch.uint8, device=teacher.mean_C.device)
-    tokens = teacher(images_BCHW)
+    try:
+        images_BCHW = torch.zeros(batch_size, 3, *teacher.input_size, dtype=torch.uint8, device=teacher.mean_C.device)
+        tokens = teacher(images_BCHW)
+    except (torch.OutOfMemoryError, RuntimeError) as err:
+        if (what := out_of_memory(err)) is None:
+            raise
+        height, width = teacher.input_size
+        raise RegistryError(f"teacher {teacher.card.alias!r}: {batch_size} blank images at {height}x{width} px do not "
+                            f"fit on {device} ({what}); lower --image-size") from None
     shapes = {"summary": None if tokens.summary_BD is None else list(tokens.summary_BD.shape),
               "patch": list(tokens.patch_BND.shape)}
     problem = token_shape_problem(teacher.card, teacher.grid, shapes, batch_size)
