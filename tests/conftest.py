@@ -146,37 +146,48 @@ def tiny_images(tmp_path_factory) -> Path:
     return folder
 
 
-_GREEDY_TEACHER = '''
+def _conv_teacher_module(first_in_forward: str, *, image_size: int = 32) -> str:
+    """The source of a `py:` teacher module (`build`): a tiny ConvNet (a stride-8 map and its pooled summary)
+    whose forward first runs `first_in_forward` (code on `x`, the normalised batch), e.g. to fail on cue."""
+    body = "\n".join("        " + line for line in first_in_forward.strip().splitlines())
+    return f'''
+import os
+from pathlib import Path
+
 import torch
 from torch import nn
 
 
-class Greedy(nn.Module):
-    """A tiny ConvNet teacher whose forward on a batch of 4 or more asks the allocator for 40 TB: a real
-    allocation failure (the CPU allocator's error; CUDA raises torch.OutOfMemoryError the same way)."""
-
-    unic_card = {"family": "convnet", "image_size": 32, "patch_size": 8, "mean": [0.5, 0.5, 0.5],
-                 "std": [0.25, 0.25, 0.25], "summary_from": "pool", "license": "mit"}
+class ConvTeacher(nn.Module):
+    unic_card = {{"family": "convnet", "image_size": {image_size}, "patch_size": 8, "mean": [0.5, 0.5, 0.5],
+                 "std": [0.25, 0.25, 0.25], "summary_from": "pool", "license": "mit"}}
 
     def __init__(self):
         super().__init__()
         self.conv = nn.Conv2d(3, 8, kernel_size=8, stride=8)
 
     def forward(self, x):
-        if x.shape[0] >= 4:
-            torch.empty(10**13)
+{body}
         fmap = self.conv(x)
-        return {"summary": fmap.mean(dim=(2, 3)), "patch": fmap}
+        return {{"summary": fmap.mean(dim=(2, 3)), "patch": fmap}}
 
 
 def build(pretrained=False):
-    return Greedy()
+    return ConvTeacher()
 '''
 
 
 @pytest.fixture()
+def conv_teacher_module():
+    """`conv_teacher_module(code, image_size=32)`: the source of a tiny `py:` ConvNet teacher module whose forward
+    first runs `code`."""
+    return _conv_teacher_module
+
+
+@pytest.fixture()
 def greedy_teacher(tmp_path) -> str:
-    """A `py:` teacher spec whose forward runs out of memory at batch 4 or more (and works below)."""
+    """A `py:` teacher spec whose forward runs out of memory at batch 4 or more (and works below): it asks the
+    allocator for 40 TB, a real allocation failure (the CPU allocator's error; CUDA raises OutOfMemoryError)."""
     path = tmp_path / "greedy_teacher.py"
-    path.write_text(_GREEDY_TEACHER)
+    path.write_text(_conv_teacher_module("if x.shape[0] >= 4:\n    torch.empty(10**13)"))
     return f"py:{path}:build"

@@ -150,43 +150,20 @@ def test_torchrun__a_rank_that_fails_does_not_leave_the_other_hanging(tiny_teach
     assert "]: Traceback" not in out  # neither worker prints a traceback (torchrun itself still does)
 
 
-CRASH_ONCE = '''
-import os
-from pathlib import Path
-
-from torch import nn
-
-
-class CrashOnce(nn.Module):
-    """A tiny ConvNet teacher whose rank-1 copy kills its process once, at the first forward after the step-2
-    checkpoint exists: a worker lost mid-run."""
-
-    unic_card = {"family": "convnet", "image_size": 64, "patch_size": 8, "mean": [0.5, 0.5, 0.5],
-                 "std": [0.25, 0.25, 0.25], "summary_from": "pool", "license": "mit"}
-
-    def __init__(self):
-        super().__init__()
-        self.conv = nn.Conv2d(3, 12, kernel_size=8, stride=8)
-
-    def forward(self, x):
-        after, marker = Path(os.environ["CRASH_AFTER"]), Path(os.environ["CRASH_MARKER"])
-        if os.environ.get("RANK") == "1" and after.exists() and not marker.exists():
-            marker.touch()
-            os._exit(3)
-        fmap = self.conv(x)
-        return {"summary": fmap.mean(dim=(2, 3)), "patch": fmap}
-
-
-def build(pretrained=False):
-    return CrashOnce()
-'''
+# rank 1 kills its process once, at its first forward after the step-2 checkpoint exists: a worker lost mid-run
+CRASH_ONCE = """
+after, marker = Path(os.environ["CRASH_AFTER"]), Path(os.environ["CRASH_MARKER"])
+if os.environ.get("RANK") == "1" and after.exists() and not marker.exists():
+    marker.touch()
+    os._exit(3)
+"""
 
 
 @pytest.mark.slow  # torchrun with 2 processes, started twice: about 40 s on 2 busy cores
 def test_torchrun__max_restarts_with_auto_resume_continues_after_a_lost_worker(tiny_teachers, tiny_images,
-                                                                                tmp_path):
+                                                                                tmp_path, conv_teacher_module):
     module = tmp_path / "crash_once.py"
-    module.write_text(CRASH_ONCE)
+    module.write_text(conv_teacher_module(CRASH_ONCE, image_size=64))
     out = tmp_path / "r"
     args = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "--max-restarts=1",
             "-m", "unic_cli", "distill", "--teachers", tiny_teachers[0], f"py:{module}:build", "--data",
