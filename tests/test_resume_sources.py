@@ -195,3 +195,21 @@ def test_distill__process_group_sigterm_with_workers_then_resume_matches_a_strai
         return [{k: v for k, v in r.items() if k != "images_per_sec"} for r in rows]
 
     assert lines(split) == lines(straight)
+
+
+def test_train_loader__a_crash_with_workers_alive_exits_at_once(sources, tmp_path) -> None:
+    # A traceback that still holds the loader (any crash mid-run) left the workers to multiprocessing's exit,
+    # which SIGTERMs and joins them: they outlive a SIGTERM by STOP_GRACE_S (120 s), and so did the process.
+    script = tmp_path / "crash.py"
+    script.write_text(f"""
+from unic_cli.data import build_train_loader
+loader = build_train_loader({str(sources["folder"])!r}, image_size=32, batch_size=4, num_workers=2, seed=0,
+                            augment="none")
+it = iter(loader)
+next(it)
+raise RuntimeError("a bug while the loader's workers are alive")
+""")
+    start = time.monotonic()
+    proc = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=110)
+    assert proc.returncode == 1 and "a bug while the loader's workers are alive" in proc.stderr
+    assert time.monotonic() - start < 60  # seconds (start-up, two workers), not STOP_GRACE_S

@@ -57,7 +57,11 @@ def _coerce(name: str, annotation: Any, value: Any) -> Any:
         item = args[0] if args else Any
         return tuple(_coerce(name, item, v) for v in value)
     if annotation is float and isinstance(value, int) and not isinstance(value, bool):
-        value = float(value)
+        try:
+            value = float(value)
+        except OverflowError:  # a 400-digit integer
+            raise ConfigError(f"{name} must be a finite number, got an integer of {len(str(abs(value)))} "
+                              "digits") from None
     if annotation in (int, float, str, bool):
         if annotation is int and isinstance(value, float) and value.is_integer():
             value = int(value)
@@ -66,8 +70,9 @@ def _coerce(name: str, annotation: Any, value: Any) -> Any:
         # nan passes every `x < bound` check and inf lr trains garbage; no setting means either
         if annotation is float and not math.isfinite(value):
             raise ConfigError(f"{name} must be a finite number, got {value}")
-        if annotation is int and abs(value) >= 2**63:  # torch sizes and seeds are int64: fail here, not in torch
-            raise ConfigError(f"{name} {value} is too large")
+        if annotation is int and not -2**63 <= value < 2**63:  # torch sizes and seeds are int64: fail here
+            shown = str(value) if len(str(value)) <= 24 else f"{str(value)[:12]}... ({len(str(abs(value)))} digits)"
+            raise ConfigError(f"{name} {shown} does not fit in 64 bits")
     return value
 
 
@@ -375,7 +380,7 @@ class DistillConfig(CommandConfig):
             problems.append(problem)
         elif self.command == "distill" and self.data_dir.is_dir() and (
                 self.out_dir.resolve() == self.data_dir.resolve() or self.data_dir.resolve() in
-                self.out_dir.resolve().parents):  # bench writes no run folder
+                self.out_dir.resolve().parents) and _read_as_image_files(self.data_dir):  # bench writes no run
             problems.append(f"--out {str(self.out_dir)!r} is inside --data {str(self.data_dir)!r}: the run's plots "
                             "(*.png) would become training images of later runs and resumes; choose an --out "
                             "outside the data folder")
@@ -428,6 +433,15 @@ class DistillConfig(CommandConfig):
         elif self.compile_mode != "default" and not self.compile:
             problems.append(f"--compile-mode {self.compile_mode} needs --compile (nothing is compiled without it)")
         return problems
+
+
+def _read_as_image_files(data_dir: Path) -> bool:
+    """Whether the loader reads `data_dir` as a folder of image files (any file under it may become a training
+    image), not as tar shards or a saved Hugging Face dataset / parquet files (unic_cli.data.open_image_source)."""
+    if (data_dir / "state.json").is_file() or (data_dir / "dataset_dict.json").is_file():
+        return False
+    return not any(p.suffix.lower() in (".tar", ".parquet") and p.is_file() and not p.name.startswith(".")
+                   for p in data_dir.iterdir())
 
 
 def teacher_spec_problems(text: str) -> list[str]:

@@ -240,22 +240,34 @@ def _prepare_run_dir(config: DistillConfig, *, resume: bool, overwrite: bool,
     return None, earlier
 
 
-@contextlib.contextmanager
-def _out_of_memory_report(config: DistillConfig, device: torch.device, where):
-    """An allocation failure in the training loop -> a TrainingError with the step, the last checkpoint and what
-    to change (`where()` gives the step and the last checkpoint at the time of the failure)."""
-    try:
-        yield
-    except (torch.OutOfMemoryError, RuntimeError) as err:
-        if (what := out_of_memory(err)) is None:
-            raise
-        step, last_ckpt = where()
-        fp32_student = config.student_dtype == "fp32" or (config.student_dtype == "auto" and device.type != "cuda")
-        saved = (f"continue from {last_ckpt} with --resume and the new flags" if last_ckpt else
-                 "no checkpoint was written yet")
-        raise TrainingError(f"out of memory at step {step + 1} on {device} with {config.batch_size} images per "
-                            f"process ({what}); {saved}; "
-                            + memory_advice(config.batch_size, config.grad_accum_steps, fp32_student)) from None
+class _AllocationFailure:
+    """`with failure:` swallows an allocation failure (CUDA's OutOfMemoryError, the CPU allocator's RuntimeError)
+    and keeps its first sentence in `failure.what`; anything else passes. The caller raises its TrainingError
+    after the block, outside any exception handling, so that it carries no context: the allocation error's
+    traceback holds the failed step's tensors, which a Python caller that catches the TrainingError (and retries
+    with a smaller batch) must get back."""
+
+    def __init__(self) -> None:
+        self.what: str | None = None
+
+    def __enter__(self) -> _AllocationFailure:
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> bool:
+        if exc is not None and (what := out_of_memory(exc)) is not None:
+            self.what = what
+            return True
+        return False
+
+
+def _out_of_memory_message(config: DistillConfig, device: torch.device, step: int, last_ckpt: Path | None,
+                           what: str) -> str:
+    """An allocation failure in the training loop: the step, the last checkpoint and what to change."""
+    fp32_student = config.student_dtype == "fp32" or (config.student_dtype == "auto" and device.type != "cuda")
+    saved = (f"continue from {last_ckpt} with --resume and the new flags" if last_ckpt else
+             "no checkpoint was written yet")
+    return (f"out of memory at step {step + 1} on {device} with {config.batch_size} images per process ({what}); "
+            f"{saved}; " + memory_advice(config.batch_size, config.grad_accum_steps, fp32_student))
 
 
 def _auto_resume(run_dir: Path, overwrite: bool) -> tuple[bool, bool]:
@@ -471,14 +483,12 @@ def _train(config, dist, device, ckpt, earlier_run, *, hooks, timer) -> RunResul
             log.info("%s already finished at step %d/%d (loss %s); nothing to do", run_dir, ckpt["step"], planned,
                      last_metrics.get("loss"))
             return RunResult(run_dir, ckpt["step"], planned, "done", Path(ckpt["path"]), last_metrics)
-    try:
+    with (failure := _AllocationFailure()):
         tr = build_trainer(config, device, dist, ckpt)
-    except (torch.OutOfMemoryError, RuntimeError) as err:
-        if (what := out_of_memory(err)) is None:
-            raise
-        raise TrainingError(f"out of memory building the student, its ladder and the teachers on {device} ({what}); "
-                            "`unic distill --dry-run` with the same flags lists their sizes: check --student, "
-                            "--ladder-hidden, --ladder-last-hidden and the teachers") from None
+    if failure.what is not None:
+        raise TrainingError(f"out of memory building the student, its ladder and the teachers on {device} "
+                            f"({failure.what}); `unic distill --dry-run` with the same flags lists their sizes: "
+                            "check --student, --ladder-hidden, --ladder-last-hidden and the teachers")
     loader = train_loader(config, tr.teachers, rank=dist.rank, world_size=dist.world_size, source=source)
     num_steps, steps_per_epoch = total_steps(config, loader.steps_per_epoch)
     info = describe(config, tr.core, tr.teachers)
@@ -545,7 +555,7 @@ def _train(config, dist, device, ckpt, earlier_run, *, hooks, timer) -> RunResul
     consecutive_skips = 0
     step = start_step
     stopping = False
-    with _StopRequest() as stop, _out_of_memory_report(config, device, lambda: (step, last_ckpt)):
+    with _StopRequest() as stop, (failure := _AllocationFailure()):
         while step < num_steps and not stopping:
             lr = learning_rate(step, peak_lr=peak_lr, min_lr=config.min_lr, warmup_steps=warmup, total_steps=num_steps)
             momentum = ema_momentum(step, total_steps=num_steps, start=config.ema_momentum_start,
@@ -603,6 +613,8 @@ def _train(config, dist, device, ckpt, earlier_run, *, hooks, timer) -> RunResul
                 window = {"t0": time.perf_counter(), "images": 0}
             if step % config.checkpoint_every == 0 or step == num_steps or stopping:
                 last_ckpt = checkpoint(step, last_metrics) or last_ckpt
+    if failure.what is not None:
+        raise TrainingError(_out_of_memory_message(config, device, step, last_ckpt, failure.what))
     if dist.is_main:
         plot_run(run_dir)
     distributed.barrier()  # the plots and the last checkpoint exist before any process returns

@@ -45,7 +45,7 @@ PROBE = ["probe", "timm:test_vit", "--task", "knn", "--batch-size", "0"]
      "--grad-clip must be a finite number, got nan"),
     ([*PROBE, "--data", "data", "--depth-scale", "inf"],
      "--depth-scale must be a finite number, got inf"),
-    ([*DISTILL, "--ladder-hidden", str(10**20)], "--ladder-hidden 100000000000000000000 is too large"),
+    ([*DISTILL, "--ladder-hidden", str(10**20)], "--ladder-hidden 100000000000000000000 does not fit in 64 bits"),
 ])
 def test_numbers__nan_inf_and_overflow_are_refused(in_empty_cwd, args, message):
     _fails(args, message)
@@ -142,3 +142,24 @@ def test_teachers_check__blank_images_that_do_not_fit_are_one_message():
                                        "160000"])
     assert result.exit_code == 2 and "do not fit on cpu" in result.output and "lower --image-size" in result.output
     assert "Traceback" not in result.output
+
+
+def test_config_file__huge_integers_are_one_message_and_int64_seeds_pass(in_empty_cwd):
+    config = in_empty_cwd / "data" / "a.toml"
+    config.write_text(f"base_lr = {10**400}\nlog_every = {10**300}\nseed = {-2**63}\n")
+    output = _fails([*DISTILL, "--config", str(config)], "base_lr must be a finite number, got an integer of 401 "
+                    "digits", "log_every 100000000000... (301 digits) does not fit in 64 bits")
+    assert "seed" not in output  # -2**63 is a valid 64-bit seed
+
+
+def test_distill__out_inside_a_tar_shard_folder_is_allowed(tmp_path):
+    # only a folder read as image files turns the run's plots into training images
+    import tarfile
+
+    shards = tmp_path / "shards"
+    shards.mkdir()
+    with tarfile.open(shards / "train-000.tar", "w"):
+        pass
+    result = CliRunner().invoke(unic, ["distill", "-t", "timm:test_vit", "--data", str(shards), "--out",
+                                       str(shards / "run"), "--batch-size", "0"])
+    assert result.exit_code == 2 and "is inside --data" not in result.output and "--batch-size" in result.output

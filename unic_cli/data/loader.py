@@ -5,6 +5,7 @@ Shape legend: B batch, C channels (3, RGB), H height, W width.
 
 from __future__ import annotations
 
+import atexit
 import logging
 import math
 import numbers
@@ -12,6 +13,7 @@ import os
 import signal
 import threading
 import time
+import weakref
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from functools import partial
@@ -149,19 +151,41 @@ def _single_threaded(loader: torch.utils.data.DataLoader, num_workers: int) -> I
     batches, so the training step keeps its threads.
     """
     iterator = iter(loader)
-    while True:
-        previous = torch.get_num_threads()
-        if num_workers == 0:
-            torch.set_num_threads(1)
-        try:
-            item = next(iterator)
-        except StopIteration:
-            return
-        finally:
-            torch.set_num_threads(previous)
-        yield item
+    if num_workers:
+        _LIVE_ITERATORS.add(iterator)
+    try:
+        while True:
+            previous = torch.get_num_threads()
+            if num_workers == 0:
+                torch.set_num_threads(1)
+            try:
+                item = next(iterator)
+            except StopIteration:
+                return
+            finally:
+                torch.set_num_threads(previous)
+            yield item
+    finally:  # closed, failed or abandoned: end the workers now (see _shut_down_live_workers)
+        _shut_down(iterator)
 
 
+def _shut_down(iterator) -> None:
+    _LIVE_ITERATORS.discard(iterator)
+    if (shutdown := getattr(iterator, "_shutdown_workers", None)) is not None:
+        shutdown()  # idempotent: torch's __del__ calls it again
+
+
+# Worker iterators not shut down yet. One still alive when the interpreter exits (held by a traceback, a global)
+# would be left to multiprocessing's exit, which SIGTERMs and joins its workers: they take STOP_GRACE_S to obey
+# (`_shield_worker_from_stop_signals`). This hook runs before it (atexit is LIFO) and shuts them down the
+# ordinary way (a sentinel on their queues), as the end of an epoch does.
+_LIVE_ITERATORS: weakref.WeakSet = weakref.WeakSet()
+
+
+@atexit.register
+def _shut_down_live_workers() -> None:
+    for iterator in list(_LIVE_ITERATORS):
+        _shut_down(iterator)
 
 
 # A decoding worker that got SIGTERM exits this long after it (see `_shield_worker_from_stop_signals`).
