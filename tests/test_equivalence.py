@@ -254,8 +254,11 @@ def test_standardize__off_feeds_raw_targets_and_fresh_frozen_statistics_are_the_
             preds, targets = tr.core(images), [t(images) for t in tr.teachers]
             raw = [{"patch": t.patch_BND, **({"summary": t.summary_BD} if t.summary_BD is not None else {})}
                    for t in targets]
-            # momentum None: the initial statistics (mean 0, variance 1) are applied without an update
-            got = tr.core.losses(preds, targets, None if standardize else 0.5)
+            # on: the initial statistics (mean 0, variance 1) are applied without an update; off: even a step's
+            # update leaves the targets raw
+            if not standardize:
+                tr.core.update_standardizers([targets], 0.5)
+            got = tr.core.losses(preds, targets)
             torch.testing.assert_close(got.loss_TB, teacher_losses(preds, raw).loss_TB, rtol=1e-5, atol=1e-6)
 
 

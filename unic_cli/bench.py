@@ -159,10 +159,9 @@ def run_bench(config: DistillConfig, *, warmup: int = 2, batch_sizes: tuple[int,
                     torch.cuda.empty_cache()
         fitting = [r for r in results if not r.get("oom")]
         if not fitting:
-            fp32_student = config.student_dtype == "fp32" or (config.student_dtype == "auto" and device.type != "cuda")
             raise TrainingError(f"batch size {results[0]['batch_size']} does not fit on {device} ({what}); "
-                                + memory_advice(results[0]["batch_size"], config.grad_accum_steps, fp32_student,
-                                                bench_hint=False))
+                                + memory_advice(results[0]["batch_size"], config.grad_accum_steps,
+                                                fp32_student=not tr.core.student_bf16, bench_hint=False))
         best = {**max(fitting, key=lambda r: r["images_per_sec"]), "build_sec": build_s}
         if profile_dir is not None:
             tr.config = replace(config, batch_size=best["batch_size"])

@@ -48,7 +48,7 @@ def out_of_memory(err: BaseException) -> str | None:
     return None
 
 
-def memory_advice(batch_size: int, grad_accum_steps: int, fp32_student: bool, *, bench_hint: bool = True) -> str:
+def memory_advice(batch_size: int, grad_accum_steps: int, *, fp32_student: bool, bench_hint: bool = True) -> str:
     """What to change when a training step does not fit: the same global batch in smaller pieces, first."""
     tips = []
     if batch_size >= 2:

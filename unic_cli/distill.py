@@ -260,14 +260,14 @@ class _AllocationFailure:
         return False
 
 
-def _out_of_memory_message(config: DistillConfig, device: torch.device, step: int, last_ckpt: Path | None,
-                           what: str) -> str:
+def _out_of_memory_message(tr, step: int, last_ckpt: Path | None, what: str) -> str:
     """An allocation failure in the training loop: the step, the last checkpoint and what to change."""
-    fp32_student = config.student_dtype == "fp32" or (config.student_dtype == "auto" and device.type != "cuda")
+    config = tr.config
     saved = (f"continue from {last_ckpt} with --resume and the new flags" if last_ckpt else
              "no checkpoint was written yet")
-    return (f"out of memory at step {step + 1} on {device} with {config.batch_size} images per process ({what}); "
-            f"{saved}; " + memory_advice(config.batch_size, config.grad_accum_steps, fp32_student))
+    return (f"out of memory at step {step + 1} on {tr.device} with {config.batch_size} images per process "
+            f"({what}); {saved}; " + memory_advice(config.batch_size, config.grad_accum_steps,
+                                                   fp32_student=not tr.core.student_bf16))
 
 
 def _auto_resume(run_dir: Path, overwrite: bool) -> tuple[bool, bool]:
@@ -614,7 +614,7 @@ def _train(config, dist, device, ckpt, earlier_run, *, hooks, timer) -> RunResul
             if step % config.checkpoint_every == 0 or step == num_steps or stopping:
                 last_ckpt = checkpoint(step, last_metrics) or last_ckpt
     if failure.what is not None:
-        raise TrainingError(_out_of_memory_message(config, device, step, last_ckpt, failure.what))
+        raise TrainingError(_out_of_memory_message(tr, step, last_ckpt, failure.what))
     if dist.is_main:
         plot_run(run_dir)
     distributed.barrier()  # the plots and the last checkpoint exist before any process returns

@@ -52,27 +52,29 @@ class DistillModel(nn.Module):
         micro-batch's TeacherTokens (one entry without gradient accumulation)."""
         if self.standardizers is None:
             return
-        for i, tokens in enumerate(step_targets[0]):
-            kinds = ["patch"] + (["summary"] if tokens.summary_BD is not None else [])
-            for kind in kinds:
-                field = "patch_BND" if kind == "patch" else "summary_BD"
-                self.standardizers.stats[f"t{i}"][kind].update([getattr(t[i], field) for t in step_targets],
-                                                               momentum)
+        for i in range(len(step_targets[0])):
+            micro_kinds = [_token_kinds(targets[i]) for targets in step_targets]
+            for kind in micro_kinds[0]:
+                self.standardizers.stats[f"t{i}"][kind].update([kinds[kind] for kinds in micro_kinds], momentum)
 
-    def losses(self, preds: Sequence[dict], targets: Sequence, momentum: float | None) -> TeacherLosses:
-        """Predictions and each teacher's TeacherTokens -> per-teacher losses (standardising targets first).
-
-        `momentum` is this step's EMA momentum (None freezes the statistics).
-        """
+    def losses(self, preds: Sequence[dict], targets: Sequence) -> TeacherLosses:
+        """Predictions and each teacher's TeacherTokens -> per-teacher losses, the targets standardised with the
+        current statistics (`update_standardizers` moved them for this step)."""
         standardized = []
         for i, tokens in enumerate(targets):
-            kinds = {"patch": tokens.patch_BND}
-            if tokens.summary_BD is not None:
-                kinds["summary"] = tokens.summary_BD
+            kinds = _token_kinds(tokens)
             if self.standardizers is not None:
-                kinds = {k: self.standardizers(i, k, y_xE, momentum) for k, y_xE in kinds.items()}
+                kinds = {k: self.standardizers(i, k, y_xE, None) for k, y_xE in kinds.items()}
             standardized.append(kinds)
         return teacher_losses(preds, standardized)
+
+
+def _token_kinds(tokens) -> dict[str, torch.Tensor]:
+    """A teacher's TeacherTokens by token type: {"patch": patch_BNE, "summary": summary_BE when it has one}."""
+    kinds = {"patch": tokens.patch_BND}
+    if tokens.summary_BD is not None:
+        kinds["summary"] = tokens.summary_BD
+    return kinds
 
 
 def resolve_dtypes(config: DistillConfig, device: torch.device) -> tuple[torch.dtype, bool]:
@@ -263,7 +265,7 @@ def _meta_step(config: DistillConfig, model: DistillModel, teachers: Sequence[nn
     size = load_size(config.image_size, teachers)
     images_BCHW = torch.empty(batch, 3, size, size, dtype=torch.uint8, device="meta")
     targets = [t(torch.empty(batch, 3, *t.input_size, device="meta")) for t in teachers]
-    return lambda: model.losses(model(images_BCHW), targets, momentum=None).loss_TB.mean()
+    return lambda: model.losses(model(images_BCHW), targets).loss_TB.mean()
 
 
 def flops_per_image(config: DistillConfig, model: DistillModel | None = None,

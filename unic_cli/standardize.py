@@ -1,7 +1,7 @@
 """EmaStandardizer: per-channel teacher-feature statistics tracked by an EMA, all-reduced across processes.
 
 Shape legend: B batch, N patch tokens, D a teacher's token width (`E` in losses.py), x any leading dims (B or
-BN), M all rows of a batch pooled (B or B * N).
+BN), M all rows of a batch pooled (B or B * N), P the micro-batches of one optimiser step.
 
 UNIC paper Sec. 3.3, "feature standardization": every teacher output (summary and patch tokens separately) is
 standardised to zero mean and unit variance per channel before the loss, with statistics learned on the fly.
@@ -43,15 +43,13 @@ class EmaStandardizer(nn.Module):
         `y_xD` is the step's batch, or its micro-batches under gradient accumulation: their moments are pooled
         (weighted by rows), so k micro-batches update the statistics exactly as the one batch of k*b would.
         """
-        parts = [y_xD] if isinstance(y_xD, torch.Tensor) else list(y_xD)
-        if len(parts) == 1:
-            y_MD = parts[0].float().reshape(-1, parts[0].shape[-1])
-            moments_2D = torch.stack([y_MD.mean(dim=0), y_MD.square().mean(dim=0)])
+        parts_MD = [y.float().reshape(-1, y.shape[-1]) for y in ([y_xD] if isinstance(y_xD, torch.Tensor) else y_xD)]
+        moments_P2D = [torch.stack([y_MD.mean(dim=0), y_MD.square().mean(dim=0)]) for y_MD in parts_MD]
+        if len(parts_MD) == 1:  # as is: no weighting, so a step without accumulation is exactly the batch's moments
+            moments_2D = moments_P2D[0]
         else:
-            rows = [y.numel() // y.shape[-1] for y in parts]
-            moments_2D = sum(torch.stack([y.float().reshape(-1, y.shape[-1]).mean(dim=0),
-                                          y.float().reshape(-1, y.shape[-1]).square().mean(dim=0)]) * (m / sum(rows))
-                             for y, m in zip(parts, rows))
+            total = sum(len(y_MD) for y_MD in parts_MD)
+            moments_2D = sum(m_2D * (len(y_MD) / total) for m_2D, y_MD in zip(moments_P2D, parts_MD))
         all_reduce_mean_(moments_2D)  # equal batch sizes per rank, so the mean of means is the global mean
         mean_D, sq_D = moments_2D
         # A non-finite batch (a teacher overflowing in bf16) must leave no trace: its step is skipped or stops the

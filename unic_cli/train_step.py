@@ -174,7 +174,7 @@ def forward_backward(tr: Trainer, batches, momentum: float, timer,
             with timer("student"):
                 preds = tr.model(images_BCHW)
             with timer("loss"):
-                out = tr.core.losses(preds, targets, None)  # standardised with the step's statistics
+                out = tr.core.losses(preds, targets)  # standardised with the step's statistics
                 alpha_TB = teacher_drop_coefficients(out.loss_TB, config.teacher_drop_prob, tr.generator,
                                                      draws_TG=draws_TG, offset=micro_images * micro + own_offset)
                 loss = weighted_loss(out.loss_TB, alpha_TB)
