@@ -9,6 +9,8 @@
 #      torch.compile mode in $COMPILE_MODES (default: "default"; e.g. "default max-autotune-no-cudagraphs");
 #      SKIP_EAGER=1 leaves out the bench without --compile;
 #      with PROFILE=1 each compiled bench also profiles one step (`--profile`: kernel time by kind, trace);
+#      with ACCUM=K:B:MODE, one more compiled bench with K micro-batches of B per step in torch.compile's MODE
+#      (e.g. 2:96:reduce-overhead, the CUDA-graph path of gradient accumulation);
 #   2. the distill and teacher-precision tests on CUDA (UNIC_TEST_DEVICE=cuda).
 # The summary goes to $OUT/summary.txt (the device tool's folder, or ./gpu_out), everything else (JSON, logs,
 # op tables, gzipped traces) into $OUT/gpu_results.tar.gz, re-packed after each part: the device tool returns at
@@ -55,7 +57,7 @@ for s in r.get("sweep", [r]):
     split = ", ".join(f"{k} {v * 1000:.0f} ms" for k, v in s["split_sec_per_step"].items())
     print(f"batch {s['batch_size']}: {s['sec_per_step']:.3f} s/step, {s['images_per_sec']:.1f} img/s, "
           f"{s['achieved_flops_per_sec'] / 1e12:.1f} TFLOP/s, MFU {mfu}, peak {s['peak_mem_bytes'] / 2**30:.1f} GiB"
-          f" | {split}")
+          f" | {split} | loss {s.get('loss', float('nan')):.4f}")
 print(f"{r['device']}: {r['flops_per_image']['train_step'] / 1e9:.0f} GFLOP/image; best batch {r['batch_size']}")
 if prof := r.get("profile"):
     total = prof["total_sec"] or 1
@@ -88,6 +90,11 @@ if [ -z "${SKIP_BENCH:-}" ]; then
       WARMUP=3 bench "compile_$mode" "$PWD" "${COMPILE_TIMEOUT:-240}" --compile --compile-mode "$mode" \
         ${PROFILE:+--profile "$WORK/profile_compile_$mode"}
     done
+  fi
+  if [ -n "${ACCUM:-}" ]; then  # ACCUM=K:B:MODE, e.g. 2:96:reduce-overhead: K micro-batches of B, compiled in MODE
+    IFS=: read -r k b mode <<< "$ACCUM"
+    SIZES=$b WARMUP=3 bench "accum${k}_$mode" "$PWD" "${ACCUM_TIMEOUT:-180}" --compile --compile-mode "$mode" \
+      --grad-accum-steps "$k"
   fi
 fi 2>&1 | tee "$OUT/summary.txt"
 

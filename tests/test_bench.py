@@ -48,12 +48,44 @@ def test_run_bench__sweeps_batch_sizes_on_real_data_and_reports_the_split(tiny_t
     ("triton_red_fused_native_layer_norm_1", "fused elementwise"),
     ("## Call CompiledFxGraph fhi2c7xpuc5elv4nt2ayvegmmtm2pxojats64yo5iyiucuxzed3p ##", "fused elementwise"),
     ("Memcpy HtoD (Pinned -> Device)", "memcpy/memset"),
+    # cuDNN's SDPA backward helpers and convolution layout transposes (H100 profile, session 8)
+    ("void cudnn::fusion::compute_dot_do_o_specialized<true, 64>(void const*, void const*, void*, void*, "
+     "unsigned int)", "attention"),
+    ("void cudnn::fusion::convert_dq_to_16bits<true>(void const*, void*, unsigned int)", "attention"),
+    ("void cudnn::engines_precompiled::nchwToNhwcKernel<__nv_bfloat16, __nv_bfloat16, float, false, true>",
+     "memcpy/memset"),
+    ("void cudnn::engines_precompiled::nhwcToNchwKernel<__nv_bfloat16, __nv_bfloat16, float, true, false>",
+     "memcpy/memset"),
     ("ncclDevKernel_AllReduce_Sum_f32_RING_LL(ncclDevKernelArgsStorage<4096ul>)", "communication"),
     ("void at::native::vectorized_elementwise_kernel<4, at::native::GeluCUDAKernelImpl>", "other"),
     ("aten::native_layer_norm", "other"),
 ])
 def test_kernel_kind__real_kernel_and_op_names(name, kind):
     assert kernel_kind(name) == kind
+
+
+def test_profiled_costs__gpu_user_ranges_are_not_kernels():
+    """On a GPU, the step's `record_function` ranges come back as CUDA-side user annotations spanning their
+    kernels; counted as kernels they made an H100 step's 0.74 s of kernel time read 1.98 s."""
+    from types import SimpleNamespace
+
+    from unic_cli.bench import profiled_costs
+
+    def event(name, device, us, user=False):
+        return SimpleNamespace(key=name, device_type=SimpleNamespace(name=device), self_device_time_total=us,
+                               self_cpu_time_total=us, count=1, is_user_annotation=user)
+
+    events = [event("unic_step", "CUDA", 738_900, user=True), event("teachers", "CUDA", 387_200, user=True),
+              event("nvjet_sm90_tst_192x192_64x4_2x1_v_bz_coopB_bias_TNN", "CUDA", 100_800),
+              event("triton_red_fused_native_layer_norm_0", "CUDA", 17_800),
+              event("aten::addmm", "CPU", 12_000), event("teachers", "CPU", 400, user=True),
+              event("aten::empty", "CUDA", 0)]
+    gpu = profiled_costs(events, cuda=True)
+    assert [name for name, _, _ in gpu] == ["nvjet_sm90_tst_192x192_64x4_2x1_v_bz_coopB_bias_TNN",
+                                            "triton_red_fused_native_layer_norm_0"]
+    assert sum(sec for _, sec, _ in gpu) == pytest.approx(0.1186)
+    cpu = [name for name, _, _ in profiled_costs(events, cuda=False)]  # CPU self times: every non-range op
+    assert "teachers" not in cpu and "unic_step" not in cpu and "aten::addmm" in cpu
 
 
 def test_flops_per_image__matches_a_hand_count():

@@ -144,6 +144,8 @@ def forward_backward(tr: Trainer, batches, momentum: float, timer,
     cuda_graphs = config.compile and config.compile_mode in CUDA_GRAPH_MODES
     micro_images, own_offset = config.batch_size * dist.world_size, config.batch_size * dist.rank
     draws_TG = None
+    if cuda_graphs and accum > 1:
+        _grads_outside_cuda_graphs(tr.core)
     step_inputs = []  # (images on the device, every teacher's tokens) per micro-batch
     for micro in range(accum):
         if cuda_graphs:  # a new iteration: earlier graph outputs are consumed or copied, their memory may be reused
@@ -188,6 +190,19 @@ def forward_backward(tr: Trainer, batches, momentum: float, timer,
     loss_sum = loss_sum.float()
     check_2 = all_reduce_mean_(torch.stack([loss_sum, loss_sum.new_full((), float(stop_requested()))]))  # no H2D copy
     return StepStats(check_2[0], check_2[1], metrics_sum_TM, coeff_sum_T, num_images, num_skipped)
+
+
+def _grads_outside_cuda_graphs(model: torch.nn.Module) -> None:
+    """Give every trainable parameter without a gradient a zero one, allocated outside the CUDA graphs.
+
+    Under CUDA graphs a compiled backward's gradients live in the graphs' memory pool, and autograd keeps the
+    first micro-batch's as `.grad` without a copy; the next micro-batch's replay then overwrites them ("accessing
+    tensor output of CUDAGraphs that has been overwritten", seen on an H100 with `--compile-mode
+    reduce-overhead --grad-accum-steps 2`). With `.grad` already allocated, autograd adds every micro-batch's
+    gradient into it. Existing gradients are kept (accumulated onto, as without CUDA graphs)."""
+    for p in model.parameters():
+        if p.requires_grad and p.grad is None:
+            p.grad = torch.zeros_like(p)
 
 
 def optimizer_step(tr: Trainer, timer) -> None:
