@@ -5,7 +5,8 @@
 #      vit_large_patch14_224 at 224 px (patch 14: a 16x16 grid; bf16 autocast), teacher dropping p=0.25, the
 #      batch sizes in $SIZES tried in turn on the same models -> images/s, peak memory, split and MFU;
 #      with BASELINE=DIR, the same bench first on the code in DIR (e.g. `git archive HEAD~1 | tar -x -C DIR`),
-#      so before/after come from one machine; with COMPILE=1, the same bench again under `--compile`, once per
+#      so before/after come from one machine (compiled, in the first mode, with COMPILE=1 SKIP_EAGER=1);
+#      with COMPILE=1, the same bench again under `--compile`, once per
 #      torch.compile mode in $COMPILE_MODES (default: "default"; e.g. "default max-autotune-no-cudagraphs");
 #      SKIP_EAGER=1 leaves out the bench without --compile;
 #      with PROFILE=1 each compiled bench also profiles one step (`--profile`: kernel time by kind, trace);
@@ -83,7 +84,15 @@ bench() {  # NAME CODE_DIR TIMEOUT [extra flags...]
 }
 
 if [ -z "${SKIP_BENCH:-}" ]; then
-  [ -n "${BASELINE:-}" ] && bench baseline "$(cd "$BASELINE" && pwd)" "${BENCH_TIMEOUT:-100}"
+  if [ -n "${BASELINE:-}" ]; then
+    if [ -n "${SKIP_EAGER:-}" ] && [ -n "${COMPILE:-}" ]; then  # compiled against compiled, in the first mode
+      modes=${COMPILE_MODES:-default}
+      WARMUP=3 bench baseline_compile "$(cd "$BASELINE" && pwd)" "${COMPILE_TIMEOUT:-240}" --compile \
+        --compile-mode "${modes%% *}"
+    else
+      bench baseline "$(cd "$BASELINE" && pwd)" "${BENCH_TIMEOUT:-100}"
+    fi
+  fi
   [ -z "${SKIP_EAGER:-}" ] && bench unic_l "$PWD" "${BENCH_TIMEOUT:-100}"
   if [ -n "${COMPILE:-}" ]; then
     for mode in ${COMPILE_MODES:-default}; do

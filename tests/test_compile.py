@@ -54,9 +54,11 @@ def test_compile_mode__reaches_every_compiled_block_and_the_ladder(tiny_teachers
     modules = [*tr.core.modules(), *(m for t in tr.teachers for m in t.modules())]
     compiled = [m for m in modules if getattr(m, "_compiled_call_impl", None) is not None]
     assert len(compiled) == 6 + (6 + 8) + 1  # student test_vit, teachers test_vit and test_vit2, the ladder
-    for module in compiled:
-        config = module._compiled_call_impl.get_compiler_config()
-        assert config["max_autotune"] is autotune and config["triton.cudagraphs"] is cuda_graphs, module
+    # ... and the student's tap (final norm and summary/patch split), one compiled function for every tapped block
+    configs = [m._compiled_call_impl.get_compiler_config() for m in compiled]
+    configs.append(tr.core.student.tap.get_compiler_config())
+    for config in configs:
+        assert config["max_autotune"] is autotune and config["triton.cudagraphs"] is cuda_graphs
 
 
 def test_compile_mode__needs_compile(tiny_teachers):

@@ -20,6 +20,46 @@ def test_build_student__taps_every_requested_block(name):
         assert summary_BD.shape == (2, 64) and patch_BND.shape == (2, 16, 64)
 
 
+@pytest.mark.parametrize("name", ["test_vit", "test_vit2"])  # class token; one register and no class token
+def test_student__own_block_loop_matches_timm_forward_intermediates(name):
+    """A VisionTransformer's taps come from unic's own block loop (so `tap` can be compiled): the same values
+    and gradients as timm's `forward_intermediates` with the final norm."""
+    torch.manual_seed(0)
+    student = build_student(name, image_size=64)
+    x_BCHW = torch.randn(2, 3, 64, 64)
+    blocks = (1, 3, student.num_blocks - 1)
+
+    def run(own: bool):
+        student.zero_grad(set_to_none=True)
+        if own:
+            taps = student(x_BCHW, blocks=blocks)
+        else:
+            outs = student.model.forward_intermediates(x_BCHW, indices=list(blocks), norm=True, output_fmt="NLC",
+                                                       return_prefix_tokens=True, intermediates_only=True)
+            taps = [(prefix[:, 0] if student.has_cls_token else patch.mean(1), patch) for patch, prefix in outs]
+        sum(s.square().sum() + 0.5 * p.sum() for s, p in taps).backward()
+        return taps, [p.grad.clone() for p in student.parameters() if p.requires_grad]
+
+    own_taps, own_grads = run(True)
+    timm_taps, timm_grads = run(False)
+    for (s1, p1), (s2, p2) in zip(own_taps, timm_taps, strict=True):
+        torch.testing.assert_close(s1, s2, rtol=0, atol=0)
+        torch.testing.assert_close(p1, p2, rtol=0, atol=0)
+    for g1, g2 in zip(own_grads, timm_grads, strict=True):  # summation order differs: rounding only
+        torch.testing.assert_close(g1, g2, rtol=1e-4, atol=1e-5)
+
+
+def test_build_student__eva_taps_through_timm_forward_intermediates():
+    """An Eva student (rotary embeddings) keeps timm's own block loop: a 4x4 grid of patch-14 tokens per tap."""
+    student = build_student("eva02_tiny_patch14_224", image_size=56)
+    assert type(student.model).__name__ == "Eva" and student.grid == (4, 4) and student.has_cls_token
+    taps = student(torch.randn(2, 3, 56, 56), blocks=(0, student.num_blocks - 1))
+    assert [(s.shape, p.shape) for s, p in taps] == [((2, 192), (2, 16, 192))] * 2
+    (taps[0][0].sum() + taps[0][1].sum()).backward()
+    assert student.model.blocks[0].attn.qkv.weight.grad.abs().sum() > 0
+    assert student.model.blocks[-1].attn.qkv.weight.grad is None  # the loss reads block 0's tap only
+
+
 def test_student__final_norm_gets_gradient():
     student = build_student("test_vit", image_size=64)
     summary_BD, patch_BND = student(torch.randn(2, 3, 64, 64), blocks=(2, 5))[0]

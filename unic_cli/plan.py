@@ -169,16 +169,19 @@ def compile_repeated_blocks(module: nn.Module, mode: str = "default") -> int:
 
 
 def compile_parts(core: DistillModel, teachers: Sequence[nn.Module], mode: str = "default") -> None:
-    """`--compile`: the student's and every teacher's blocks one by one, and the ladder as a whole, in
-    torch.compile's `mode` (`--compile-mode`)."""
+    """`--compile`: the student's and every teacher's blocks one by one, the student's tap (final norm and
+    summary/patch split, one graph for every tapped block) and the ladder as a whole, in torch.compile's
+    `mode` (`--compile-mode`)."""
     from unic_cli.student import uniform_drop_path
 
     uniform_drop_path(core.student.model)
     compiled = compile_repeated_blocks(core.student.model, mode)
+    core.student.compile_taps(mode)
     core.ladder.compile(mode=mode)
     for teacher in teachers:
         compiled += compile_repeated_blocks(teacher.backbone, mode)
-    log.info("torch.compile (mode %s): %d blocks (student and teachers) and the ladder", mode, compiled)
+    log.info("torch.compile (mode %s): %d blocks (student and teachers), the student's taps and the ladder", mode,
+             compiled)
 
 
 def build_model(config: DistillConfig, teachers: Sequence[nn.Module], student: Student, *,

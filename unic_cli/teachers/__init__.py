@@ -140,15 +140,17 @@ def check_teacher(
     start = time.perf_counter()
     teacher = load_teacher(spec, grid=grid, pretrained=pretrained, device=device)
     loaded = time.perf_counter()
+    tokens = what = None
     try:
         images_BCHW = torch.zeros(batch_size, 3, *teacher.input_size, dtype=torch.uint8, device=teacher.mean_C.device)
         tokens = teacher(images_BCHW)
     except (torch.OutOfMemoryError, RuntimeError) as err:
         if (what := out_of_memory(err)) is None:
             raise
+    if tokens is None:  # raised here, not in the except: the error's frames (and their tensors) are released
         height, width = teacher.input_size
         raise RegistryError(f"teacher {teacher.card.alias!r}: {batch_size} blank images at {height}x{width} px do not "
-                            f"fit on {device} ({what}); lower --image-size") from None
+                            f"fit on {device} ({what}); lower --image-size")
     shapes = {"summary": None if tokens.summary_BD is None else list(tokens.summary_BD.shape),
               "patch": list(tokens.patch_BND.shape)}
     problem = token_shape_problem(teacher.card, teacher.grid, shapes, batch_size)
