@@ -6,6 +6,7 @@ Shape legend: B batch, C channels (3, RGB), H height, W width.
 from __future__ import annotations
 
 import atexit
+import copy
 import logging
 import math
 import numbers
@@ -44,8 +45,9 @@ _MAX_SKIP_WARNINGS = 20
 
 class Batch(NamedTuple):
     """One training batch: `images_BCHW` uint8 (pinned when CUDA is available) and how many images of
-    this batch (plus any wholly unreadable batch before it) were skipped as unreadable. With several ranks, a
-    wholly unreadable batch is replaced by this rank's previous batch, repeated (keeps the ranks in step)."""
+    this batch (plus, with one process, any wholly unreadable batch folded into it) were skipped as unreadable.
+    With several ranks, a wholly unreadable batch is stood in for by this rank's latest readable batch before it
+    (its next one at the very start of a run): every rank takes exactly one batch position per batch."""
 
     images_BCHW: torch.Tensor
     num_skipped: int
@@ -251,14 +253,17 @@ class _EpochBatches:
         rng = np.random.default_rng([self.seed, epoch, _PERMUTATION_TAG])
         return self.order_fn(rng) if self.order_fn is not None else rng.permutation(self.num_images)
 
+    def keys(self, order: np.ndarray, epoch: int, step: int) -> list[tuple[int, int]]:
+        """This rank's dataset keys of global batch `step` of `epoch`, whose `epoch_order` is `order`."""
+        start = (step * self.world_size + self.rank) * self.batch_size
+        return [(int(i), epoch) for i in order[start:start + self.batch_size]]
+
     def __iter__(self) -> Iterator[list[tuple[int, int]]]:
         epoch, step = self.start_epoch, self.start_step
-        global_batch = self.batch_size * self.world_size
         while True:
             order = self.epoch_order(epoch)
             for s in range(step, self.steps_per_epoch):
-                start = s * global_batch + self.rank * self.batch_size
-                yield [(int(i), epoch) for i in order[start:start + self.batch_size]]
+                yield self.keys(order, epoch, s)
             epoch, step = epoch + 1, 0
 
 
@@ -323,30 +328,94 @@ class TrainLoader:
             if self.num_workers else None,
             persistent_workers=False, generator=generator,
             worker_init_fn=_shield_worker_from_stop_signals if self.num_workers else None)
-        pending_skipped, empty_run, previous_BCHW = 0, 0, None
+        # previous_BCHW: this rank's latest readable batch (several ranks only); ahead_BCHW: its next readable one,
+        # while no earlier one exists (the start of a run); empty_run: wholly unreadable batches in a row up to here.
+        pending_skipped, empty_run, previous_BCHW, ahead_BCHW, first = 0, 0, None, None, True
         for images_BCHW, skipped in _single_threaded(loader, self.num_workers):
             self.batch_index += 1
             if self.batch_index == self.steps_per_epoch:
                 self.epoch, self.batch_index = self.epoch + 1, 0
             self.skip_log.record(skipped)
             pending_skipped += len(skipped)
-            if not len(images_BCHW):  # every image of this batch was unreadable
+            if len(images_BCHW):
+                empty_run = 0
+                if self.world_size > 1:
+                    previous_BCHW = images_BCHW
+                yield Batch(images_BCHW, pending_skipped)
+                pending_skipped, first = 0, False
+                continue
+            # every image of this batch was unreadable
+            empty_run += 1
+            if self.world_size == 1:  # one process: fold it into the next batch
+                if empty_run >= self.steps_per_epoch:
+                    raise self._empty_epoch_error()
+                continue
+            # Under data parallelism every rank must take one batch position per batch (a checkpoint holds rank 0's,
+            # and the global batch is cut from one permutation): a stand-in repeats this rank's latest readable
+            # batch. It is a function of the position, not of what this iteration has seen, so that a resumed run
+            # equals the straight one: right after a (re)start it is looked up, decoded again.
+            if first:
+                position = self.epoch * self.steps_per_epoch + self.batch_index - 1  # this batch's, from the run start
+                decode = self._decoder(sampler)
+                empty_run, previous_BCHW = self._look_back(decode, position)
                 empty_run += 1
-                if empty_run >= max(self.steps_per_epoch, 1):
-                    where = "" if self.world_size == 1 else f" for rank {self.rank} of {self.world_size}"
-                    raise DataError(f"No readable image in a whole epoch{where} of {self.dataset.source.root!r} "
-                                    f"({self.skip_log.num_skipped} failed to decode); check the files.")
-                if self.world_size > 1 and previous_BCHW is not None:
-                    # Under data parallelism every rank must stay at the same batch position (a checkpoint holds
-                    # rank 0's, and the global batch is cut from one permutation): repeat this rank's last batch
-                    # rather than reading ahead into the next global batch.
-                    yield Batch(previous_BCHW, pending_skipped)
-                    pending_skipped = 0
-                continue  # one process: fold it into the next batch
-            empty_run = 0
-            previous_BCHW = images_BCHW
-            yield Batch(images_BCHW, pending_skipped)
-            pending_skipped = 0
+                if empty_run < self.steps_per_epoch and previous_BCHW is None:  # nothing readable since the run start
+                    ahead_BCHW = self._look_ahead(decode, position, empty_run)
+            if empty_run >= self.steps_per_epoch:
+                raise self._empty_epoch_error()
+            yield Batch(previous_BCHW if previous_BCHW is not None else ahead_BCHW, pending_skipped)
+            pending_skipped, first = 0, False
+
+    def _empty_epoch_error(self) -> DataError:
+        where = "" if self.world_size == 1 else f" for rank {self.rank} of {self.world_size}"
+        return DataError(f"No readable image in a whole epoch{where} of {self.dataset.source.root!r} "
+                         f"({self.skip_log.num_skipped} failed to decode); check the files.")
+
+    def _look_back(self, decode, position: int) -> tuple[int, torch.Tensor | None]:
+        """(wholly unreadable batches right before `position`, the readable batch before them or None): what a
+        straight run holds in memory there. Bounded: `steps_per_epoch` unreadable batches in a row end the run."""
+        for back in range(1, min(position, self.steps_per_epoch - 1) + 1):
+            images_BCHW = decode(position - back)
+            if len(images_BCHW):
+                return back - 1, images_BCHW
+        return min(position, self.steps_per_epoch - 1), None
+
+    def _look_ahead(self, decode, position: int, empty_run: int) -> torch.Tensor:
+        """This rank's next readable batch after `position` (that position is not taken here: the batch is handed
+        out again when the stream reaches it).
+
+        Raises:
+            DataError: a whole epoch of wholly unreadable batches in a row comes first.
+        """
+        for ahead in range(1, self.steps_per_epoch - empty_run + 1):
+            images_BCHW = decode(position + ahead)
+            if len(images_BCHW):
+                return images_BCHW
+        raise self._empty_epoch_error()
+
+    def _decoder(self, sampler: _EpochBatches):
+        """decode(position): this rank's batch at `position` (counted from the run start), decoded in this process
+        with the pixels a worker gives (augmentation is seeded per image); its unreadable images are not counted
+        again. For the rare wholly unreadable batch only."""
+        # A shallow copy: per-process file handles (parquet, Arrow) are dropped (`__getstate__`), so none stays open
+        # here for later workers to inherit, and the source's caches are left as they are.
+        dataset = copy.copy(self.dataset)
+        dataset.source = copy.copy(self.dataset.source)
+        orders: dict[int, np.ndarray] = {}  # an epoch's order is a permutation of every image: computed once
+
+        def decode(position: int) -> torch.Tensor:
+            epoch, step = divmod(position, self.steps_per_epoch)
+            if epoch not in orders:
+                orders[epoch] = sampler.epoch_order(epoch)
+            previous = torch.get_num_threads()
+            torch.set_num_threads(1)  # as workers and in-process decoding run (see _single_threaded)
+            try:
+                images_BCHW, _ = _collate_train([dataset[key] for key in sampler.keys(orders[epoch], epoch, step)])
+            finally:
+                torch.set_num_threads(previous)
+            return images_BCHW.pin_memory() if self.pin_memory and len(images_BCHW) else images_BCHW
+
+        return decode
 
 
 def steps_per_epoch(num_images: int, micro_batch: int, accum_steps: int = 1) -> int:
