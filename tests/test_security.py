@@ -146,7 +146,7 @@ def test_load_student__foreign_files_are_export_errors_never_unpickled(evil, tmp
 
 
 def test_read_target__an_object_npy_is_refused_not_unpickled(tmp_path):
-    from unic_cli.probe.features import read_target
+    from unic_cli.probe.target import read_target
 
     marker = tmp_path / "PWNED"
     np.save(tmp_path / "d.npy", np.array([_Evil(marker)], dtype=object), allow_pickle=True)
@@ -335,7 +335,7 @@ def test_teachers_show__card_text_is_shown_verbatim_not_as_markup_or_escapes(tmp
 def test_probe_writes__a_symlink_at_the_temporary_name_is_not_followed(tmp_path):
     import os
 
-    from unic_cli.probe.features import _write_atomic
+    from unic_cli.probe.cache import _write_atomic
     from unic_cli.probe.report import write_json
 
     victim = tmp_path / "victim.txt"

@@ -1,15 +1,20 @@
-"""The one rich Console, print_error, and the RichHandler that shows the library's log records."""
+"""The one rich Console, print_error, the RichHandler that shows the library's log records, stage_progress."""
 
 from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 from rich.console import Console
 from rich.logging import RichHandler
 from rich.markup import escape
 
 from unic_cli.errors import UnicError
+
+if TYPE_CHECKING:
+    from rich.progress import Progress
 
 console = Console(highlight=False)
 err_console = Console(stderr=True, highlight=False)
@@ -33,3 +38,19 @@ def setup_logging(verbose: bool = False) -> None:
         logger.addHandler(handler)
     logger.setLevel(logging.DEBUG if verbose else logging.INFO)
     logger.propagate = False
+
+
+def stage_progress(bar: Progress, *, prefix: str = "", **fields) -> Callable[[str, int, int], None]:
+    """A probe's `progress(label, done, total)` callback drawn on `bar`: one bar per stage label.
+
+    Each label (a split and its models, or a split's targets) gets its bar on its first report, described as
+    `prefix + label`; `fields` fill the bar's custom columns (e.g. `status=""`).
+    """
+    ids: dict[str, int] = {}
+
+    def progress(label: str, done: int, total: int) -> None:
+        if label not in ids:
+            ids[label] = bar.add_task(prefix + label, total=total, **fields)
+        bar.update(ids[label], completed=done)
+
+    return progress

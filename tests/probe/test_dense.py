@@ -56,7 +56,7 @@ def test_run_depth_probe__bins_and_regression_recover_depth():
 
 
 def _row_store(tmp_path, patch_MND, rows_per_chunk=5):
-    from unic_cli.probe.features import Features, FeatureStore
+    from unic_cli.probe.cache import Features, FeatureStore
 
     store = FeatureStore(tmp_path / f"m-{len(patch_MND)}-patch-0123")
     for start in range(0, len(patch_MND), rows_per_chunk):
@@ -206,7 +206,7 @@ def _seg_before_native_sizes(head, test_x, test_masks_MHW):
 
 def test_run_seg_probe__one_mask_size_scores_bit_identical_to_before(tmp_path):
     from unic_cli.probe.dense import _fit_seg_head
-    from unic_cli.probe.features import RaggedTargets
+    from unic_cli.probe.target import RaggedTargets
 
     train_x, train_y = _scene(12, seed=0)
     test_x, masks = _mixed_scene([(20, 28)] * 5, seed=1)
@@ -240,7 +240,7 @@ def _seg_reference(head, test_x, masks, batch_size=4):
 
 def test_run_seg_probe__mixed_mask_sizes_are_scored_each_at_its_own_size():
     from unic_cli.probe.dense import _fit_seg_head, _native_batches
-    from unic_cli.probe.features import RaggedTargets, _resize_target
+    from unic_cli.probe.target import RaggedTargets, _resize_target
 
     train_x, train_y = _scene(12, seed=0)
     test_x, masks = _mixed_scene(MIXED_SIZES, seed=1)
@@ -271,7 +271,7 @@ def test_run_depth_probe__mixed_depth_map_sizes_are_scored_each_at_its_own_size(
     import numpy as np
 
     from unic_cli.probe.dense import _fit_depth_head
-    from unic_cli.probe.features import RaggedTargets
+    from unic_cli.probe.target import RaggedTargets
 
     train_x, train_y = _scene(12, seed=0)
     test_x, masks = _mixed_scene(MIXED_SIZES, seed=1)
@@ -300,7 +300,7 @@ def test_run_depth_probe__mixed_depth_map_sizes_are_scored_each_at_its_own_size(
 
 def test_run_depth_probe__one_map_size_scores_bit_identical_to_before():
     from unic_cli.probe.dense import _fit_depth_head, depth_errors
-    from unic_cli.probe.features import RaggedTargets
+    from unic_cli.probe.target import RaggedTargets
 
     train_x, train_y = _scene(12, seed=0)
     test_x, masks = _mixed_scene([(20, 28)] * 5, seed=1)

@@ -13,16 +13,10 @@ import pytest
 import torch
 
 from unic_cli.errors import DataError, ProbeError
-from unic_cli.probe.features import (
-    FeatureCache,
-    check_same_classes,
-    extract_features,
-    find_splits,
-    list_class_split,
-    list_dense_split,
-    load_encoder,
-    resolve_model,
-)
+from unic_cli.probe.cache import FeatureCache
+from unic_cli.probe.encoder import load_encoder, resolve_model
+from unic_cli.probe.features import extract_features
+from unic_cli.probe.split import check_same_classes, find_splits, list_class_split, list_dense_split
 
 
 def test_find_splits__prefers_test_then_val_and_names_what_is_missing(tmp_path, class_data):
@@ -221,7 +215,7 @@ def test_run_jobs__a_full_disk_names_the_cache_and_the_fix(tmp_path, class_data,
 
 
 def test_row_store__memory_mapped_rows_equal_the_loaded_tensor(tmp_path):
-    from unic_cli.probe.features import FeatureStore, Features
+    from unic_cli.probe.cache import FeatureStore, Features
 
     patch_MND = torch.randn(10, 6, 4).half()
     store = FeatureStore(tmp_path / "m-val-patch-0123")
@@ -245,7 +239,10 @@ def test_extract_features__a_killed_process_is_resumed(tmp_path, class_data, tea
     script = f"""
 import time, torch
 from pathlib import Path
-from unic_cli.probe.features import FeatureCache, extract_features, list_class_split, resolve_model
+from unic_cli.probe.cache import FeatureCache
+from unic_cli.probe.encoder import resolve_model
+from unic_cli.probe.features import extract_features
+from unic_cli.probe.split import list_class_split
 torch.set_num_threads(1)
 extract_features([resolve_model({model!r})], [list_class_split(Path({str(class_data / 'train')!r}))],
                  kind="pooled", cache=FeatureCache(Path({str(tmp_path / 'cache')!r})), batch_size=4, num_workers=0,
@@ -289,7 +286,7 @@ def test_run_jobs__models_resuming_at_different_images_share_one_pass(tmp_path, 
 
 
 def test_remove_superseded__only_complete_entries_of_the_same_slot_go(tmp_path, class_data, teacher_weights):
-    from unic_cli.probe.features import FeatureStore
+    from unic_cli.probe.cache import FeatureStore
 
     weights = shutil.copy(teacher_weights["test_vit"], tmp_path / "w.safetensors")  # touched below
     split = list_class_split(class_data / "val")
@@ -316,7 +313,8 @@ def test_read_target__16_bit_png_depth_is_scaled_and_8_bit_png_depth_is_refused(
     import numpy as np
     from PIL import Image
 
-    from unic_cli.probe.features import load_targets, read_target
+    from unic_cli.probe.features import load_targets
+    from unic_cli.probe.target import read_target
 
     millimetres = np.array([[0, 1000, 2500], [65535, 10, 1]], dtype=np.uint16)
     Image.fromarray(millimetres).save(tmp_path / "d16.png")  # PIL mode I;16, as depth datasets ship it
@@ -340,7 +338,8 @@ def test_load_native_targets__ragged_layout_at_each_target_s_own_size_memory_map
         tmp_path, mixed_dense_data, caplog):
     from safetensors import safe_open
 
-    from unic_cli.probe.features import load_native_targets, load_targets, read_target
+    from unic_cli.probe.features import load_native_targets, load_targets
+    from unic_cli.probe.target import read_target
 
     data, sizes = mixed_dense_data, [(36, 48), (20, 30), (64, 16), (36, 48), (9, 70)]
     split = list_dense_split(data / "test", "masks")

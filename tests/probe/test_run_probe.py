@@ -67,7 +67,7 @@ def test_run_probe__seg_then_depth_merge_into_the_run(tmp_path, dense_data, teac
 def test_encoder__dense_levels_of_a_vit_and_a_convnet(teacher_weights, student_dir):
     import torch
 
-    from unic_cli.probe.features import load_encoder, resolve_model
+    from unic_cli.probe.encoder import load_encoder, resolve_model
 
     images = torch.randint(0, 256, (2, 3, 64, 64), dtype=torch.uint8)
     vit = load_encoder(resolve_model(_teachers(teacher_weights)[0], image_size=64))

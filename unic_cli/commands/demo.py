@@ -34,7 +34,7 @@ def demo(**flags) -> None:
 
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-    from unic_cli.console import console, err_console
+    from unic_cli.console import console, err_console, stage_progress
     from unic_cli.demo import DEMO_TEACHERS, run_demo  # torch is imported here, never by `unic --help`
     from unic_cli.distill import DistillHooks
 
@@ -56,12 +56,7 @@ def demo(**flags) -> None:
                 bar.update(ids["distill"], status=f"loss {metrics['loss']:.4f} | "
                                                   f"{metrics['images_per_sec']:.1f} img/s")
 
-        def progress(label: str, done: int, total: int) -> None:
-            if label not in ids:
-                ids[label] = bar.add_task(f"probe {label}", total=total, status="")
-            bar.update(ids[label], completed=done)
-
-        result = run_demo(config, hooks=Hooks(), progress=progress)
+        result = run_demo(config, hooks=Hooks(), progress=stage_progress(bar, prefix="probe ", status=""))
     console.print(_table(result))
     check = result.timm_check
     console.print(f"timm.create_model('{check['model']}', pretrained=True) -> {check['architecture']}, "

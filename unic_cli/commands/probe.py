@@ -63,19 +63,12 @@ def probe(models, tasks, config_file, **flags) -> None:
 
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
-    from unic_cli.console import console, err_console
+    from unic_cli.console import console, err_console, stage_progress
     from unic_cli.probe import run_probe  # torch is imported here, never by `unic --help`
 
     with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
                   console=err_console, transient=False) as bar:
-        ids: dict[str, int] = {}
-
-        def progress(label: str, done: int, total: int) -> None:
-            if label not in ids:
-                ids[label] = bar.add_task(label, total=total)
-            bar.update(ids[label], completed=done)
-
-        outcome = run_probe(config, progress=progress)
+        outcome = run_probe(config, progress=stage_progress(bar))
     console.print(_table(outcome.merged, outcome.report))
     for path in outcome.files:
         console.print(f"wrote {path}")

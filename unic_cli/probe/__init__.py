@@ -12,7 +12,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -24,34 +23,27 @@ from unic_cli.devices import resolve_device
 from unic_cli.errors import ProbeError
 from unic_cli.files import atomic_write
 from unic_cli.probe import report as report_lib
+from unic_cli.probe.cache import FeatureCache
 from unic_cli.probe.dense import run_depth_probe, run_seg_probe
+from unic_cli.probe.encoder import ModelRef, load_encoder, normalise_model_name, resolve_model
 from unic_cli.probe.features import (
-    FeatureCache,
     Job,
-    ModelRef,
-    RaggedTargets,
-    Split,
-    check_same_classes,
+    ProgressFn,
+    _no_progress,
     extract_features,
-    find_splits,
-    list_class_split,
-    list_dense_split,
-    load_encoder,
     load_native_targets,
     load_targets,
-    normalise_model_name,
-    resolve_model,
     run_jobs,
 )
 from unic_cli.probe.knn import run_knn_probe
 from unic_cli.probe.linear import run_linear_probe
+from unic_cli.probe.split import Split, check_same_classes, find_splits, list_class_split, list_dense_split
+from unic_cli.probe.target import RaggedTargets
 from unic_cli.probe.zeroshot import TEMPLATES, ClipSpace, clip_space_of, run_zeroshot_probe
 
 __all__ = ["ProbeOutcome", "run_probe"]
 
 log = logging.getLogger("unic_cli")
-
-ProgressFn = Callable[[str, int, int], None]
 
 
 @dataclass
@@ -374,7 +366,7 @@ def run_probe(config: ProbeConfig, *, progress: ProgressFn | None = None) -> Pro
     config.validate()
     device = str(resolve_device(config.device))
     with torch.random.fork_rng(devices=[device] if device.startswith("cuda") else []):
-        return _run_probe(config, device, progress or (lambda label, done, total: None))
+        return _run_probe(config, device, progress or _no_progress)
 
 
 def _run_probe(config: ProbeConfig, device: str, progress: ProgressFn) -> ProbeOutcome:

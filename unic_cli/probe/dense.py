@@ -8,7 +8,7 @@ bilinearly to the target's size and trained there, so the probe measures the pat
 standardised per channel with training statistics, which makes one learning rate fit every encoder.
 
 Training targets share one size (`features.load_targets`); test targets keep each image's own size
-(`features.RaggedTargets`) and are scored there, as mmsegmentation and the depth toolboxes do: each test image's
+(`target.RaggedTargets`) and are scored there, as mmsegmentation and the depth toolboxes do: each test image's
 logits are upsampled to its own mask or depth map, so every annotated pixel counts once, at the resolution it was
 annotated at.
 
@@ -25,7 +25,8 @@ from typing import Literal
 import torch
 import torch.nn.functional as F
 
-from unic_cli.probe.features import RaggedTargets, RowStore
+from unic_cli.probe.cache import RowStore
+from unic_cli.probe.target import RaggedTargets
 
 Patches = torch.Tensor | RowStore
 Targets = torch.Tensor | RaggedTargets
