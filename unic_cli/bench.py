@@ -281,8 +281,10 @@ def profile_step(tr, out_dir: Path) -> dict:
     """One training step (batch size `tr.config.batch_size`) under torch.profiler.
 
     Writes `out_dir/trace.json` (the timeline with the step's parts as ranges, for Perfetto or
-    chrome://tracing) and `out_dir/ops.txt` (the 50 costliest ops or kernels); returns the total GPU kernel time
-    (CPU: self time of every op, all threads) and its split by `kernel_kind`, with the 15 costliest names.
+    chrome://tracing), `out_dir/ops.txt` (the 50 costliest ops or kernels) and `out_dir/ops_by_shape.txt` (the
+    50 costliest operators by input shapes: which tensors an eager copy or fill touches); returns the total GPU
+    kernel time (CPU: self time of every op, all threads) and its split by `kernel_kind`, with the 15 costliest
+    names.
     """
     from torch.profiler import ProfilerActivity, profile, record_function
 
@@ -294,7 +296,7 @@ def profile_step(tr, out_dir: Path) -> dict:
     batches = _synthetic_batches(config.batch_size, load_size(config.image_size, tr.teachers), config.seed)
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
     tr.optimizer.zero_grad(set_to_none=True)
-    with profile(activities=activities) as prof:
+    with profile(activities=activities, record_shapes=True) as prof:
         with record_function("unic_step"):
             stats = train_step.forward_backward(tr, batches, config.ema_momentum_end, record_function)
             if torch.isfinite(stats.loss):
@@ -308,7 +310,11 @@ def profile_step(tr, out_dir: Path) -> dict:
     prof.export_chrome_trace(str(trace))
     events = prof.key_averages()
     costs = profiled_costs(events, cuda)
-    table.write_text(events.table(sort_by="self_cuda_time_total" if cuda else "self_cpu_time_total", row_limit=50))
+    sort_by = "self_cuda_time_total" if cuda else "self_cpu_time_total"
+    table.write_text(events.table(sort_by=sort_by, row_limit=50))
+    (out_dir / "ops_by_shape.txt").write_text(
+        prof.key_averages(group_by_input_shape=True).table(sort_by=sort_by, row_limit=50, max_name_column_width=40,
+                                                           max_shapes_column_width=100))
     by_kind = defaultdict(float)
     for name, sec, _ in costs:
         by_kind[kernel_kind(name)] += sec

@@ -41,6 +41,8 @@ def test_bench__json_is_one_parsable_line_with_the_timings_and_profile(tmp_path)
     names = {e.get("name") for e in json.loads((tmp_path / "prof" / "trace.json").read_text())["traceEvents"]}
     assert {"unic_step", "teachers", "student", "loss", "backward", "optimizer"} <= names
     assert "aten::addmm" in (tmp_path / "prof" / "ops.txt").read_text()
+    by_shape = (tmp_path / "prof" / "ops_by_shape.txt").read_text()
+    assert "aten::addmm" in by_shape and "Input Shapes" in by_shape
 
 
 def test_bench__bad_flags_are_reported_together_without_traceback(tmp_path):
