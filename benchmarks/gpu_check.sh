@@ -12,7 +12,8 @@
 #      with PROFILE=1 each compiled bench also profiles one step (`--profile`: kernel time by kind, trace);
 #      with ACCUM=K:B:MODE, one more compiled bench with K micro-batches of B per step in torch.compile's MODE
 #      (e.g. 2:96:reduce-overhead, the CUDA-graph path of gradient accumulation);
-#   2. the distill and teacher-precision tests on CUDA (UNIC_TEST_DEVICE=cuda).
+#   2. the distill, teacher-precision and compile tests on CUDA (UNIC_TEST_DEVICE=cuda; test_compile.py's
+#      CUDA-graph accumulation test runs only on a GPU).
 # The summary goes to $OUT/summary.txt (the device tool's folder, or ./gpu_out), everything else (JSON, logs,
 # op tables, gzipped traces) into $OUT/gpu_results.tar.gz, re-packed after each part: the device tool returns at
 # most 8 files. Every knob is an environment variable, so the same script was tried on the CPU with tiny models:
@@ -108,8 +109,8 @@ if [ -z "${SKIP_BENCH:-}" ]; then
 fi 2>&1 | tee "$OUT/summary.txt"
 
 if [ -z "${SKIP_TESTS:-}" ]; then
-  UNIC_TEST_DEVICE=$DEVICE timeout "${TEST_TIMEOUT:-80}" "$PY" -m pytest -q -x -p no:cacheprovider -m "not slow" \
-    tests/test_distill.py tests/teachers/test_precision.py tests/teachers/test_timm.py 2>&1 \
+  UNIC_TEST_DEVICE=$DEVICE timeout "${TEST_TIMEOUT:-120}" "$PY" -m pytest -q -x -p no:cacheprovider -m "not slow" \
+    tests/test_distill.py tests/teachers/test_precision.py tests/teachers/test_timm.py tests/test_compile.py 2>&1 \
     | tail -n 15 | tee "$WORK/pytest_cuda.txt" | tee -a "$OUT/summary.txt"
 fi
 pack

@@ -127,7 +127,7 @@ def _broken_folder(tiny_images, tmp_path, num_good: int):
 @pytest.mark.slow  # two torchrun processes: about 20 s on 2 busy cores
 def test_torchrun__unreadable_images_at_batch_1_are_counted_over_all_ranks(tiny_teachers, tiny_images, tmp_path):
     # 4 images, one broken, 1 per rank: 2 steps per epoch, so 4 steps draw the broken file exactly twice, on
-    # whichever rank; a rank left with no readable image repeats its previous batch and stays in step.
+    # whichever rank; a rank left with no readable image repeats its latest readable batch and stays in step.
     data = _broken_folder(tiny_images, tmp_path, num_good=3)
     proc = _torchrun(tiny_teachers, data, tmp_path / "r", batch_size=1, **{**COMMON, "image_size": 32})
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]

@@ -108,6 +108,18 @@ def test_grad_accum__two_micro_batches_train_like_the_doubled_batch(tiny_teacher
         torch.testing.assert_close(big["stats"][key], accum["stats"][key], rtol=1e-5, atol=1e-6, msg=key)
 
 
+@pytest.mark.parametrize("fields", [{}, {"ladder_blocks": "last", "shared_heads": True}, {"standardize": False}],
+                         ids=["ladder", "last-shared", "raw"])
+def test_step__every_trainable_parameter_gets_a_gradient(tiny_teachers, fields):
+    """Every trainable parameter takes part in the loss: what lets DDP run without `find_unused_parameters`, and
+    what makes the zero gradients allocated for CUDA graphs with accumulation (`_grads_outside_cuda_graphs`)
+    harmless (an unused parameter would otherwise get weight decay and momentum from a zero gradient)."""
+    grads = _train(tiny_teachers, steps=1, **fields)["grads"][0]
+    tr = train_step.build_trainer(_config(tiny_teachers, **fields), torch.device("cpu"), DistInfo())
+    trainable = {n for n, p in tr.core.named_parameters() if p.requires_grad}
+    assert trainable and trainable == set(grads)
+
+
 def test_grad_accum__statistics_take_the_whole_steps_moments_once(tiny_teachers):
     """k micro-batches: one EMA update with momentum m and the moments of all k*b images, as one batch would."""
     config = _config(tiny_teachers, batch_size=4, grad_accum_steps=2, steps=1, teacher_drop_prob=0.0)

@@ -49,6 +49,18 @@ def test_student__own_block_loop_matches_timm_forward_intermediates(name):
         torch.testing.assert_close(g1, g2, rtol=1e-4, atol=1e-5)
 
 
+def test_student__out_of_range_blocks_raise_and_checkpointing_keeps_the_values():
+    student = build_student("test_vit", image_size=64)
+    with pytest.raises(IndexError, match=r"blocks \[6\] out of range for a 6-block student"):
+        student(torch.randn(1, 3, 64, 64), blocks=(6,))
+    x_BCHW = torch.randn(2, 3, 64, 64)
+    own = student(x_BCHW, blocks=(-1, 2))
+    student.model.set_grad_checkpointing(True)  # timm's own loop (it checkpoints each block)
+    for (s1, p1), (s2, p2) in zip(own, student(x_BCHW, blocks=(-1, 2)), strict=True):
+        torch.testing.assert_close(s1, s2, rtol=0, atol=0)
+        torch.testing.assert_close(p1, p2, rtol=0, atol=0)
+
+
 def test_build_student__eva_taps_through_timm_forward_intermediates():
     """An Eva student (rotary embeddings) keeps timm's own block loop: a 4x4 grid of patch-14 tokens per tap."""
     student = build_student("eva02_tiny_patch14_224", image_size=56)

@@ -75,10 +75,14 @@ class Student(nn.Module):
 
         The summary token is the CLS token, or the mean patch token for a ViT built without one.
         A `VisionTransformer` runs its blocks here so that each tap is one call of `tap` (compiled under
-        `--compile`); an `Eva` (rotary embeddings) goes through timm's `forward_intermediates`.
+        `--compile`); an `Eva` (rotary embeddings), or a model with timm's gradient checkpointing on, goes through
+        timm's `forward_intermediates`.
         """
         model = self.model
-        if type(model).__name__ != "VisionTransformer":
+        bad = [b for b in blocks if not -self.num_blocks <= b < self.num_blocks]
+        if bad:
+            raise IndexError(f"blocks {bad} out of range for a {self.num_blocks}-block student")
+        if type(model).__name__ != "VisionTransformer" or getattr(model, "grad_checkpointing", False):
             outs = model.forward_intermediates(images_BCHW, indices=list(blocks), norm=True,
                                                return_prefix_tokens=True, output_fmt="NLC", intermediates_only=True,
                                                stop_early=True)
@@ -102,7 +106,7 @@ class Student(nn.Module):
         Speed: `--compile` compiles this as one graph for every tapped block (`compile_taps`), so the norm, the
         prefix/patch split and their backward are fused kernels. Eager, the split's backward zero-fills and
         copies a full-size gradient per slice and autograd adds them (measured on an H100 for UNIC-L: the eager
-        per-tap norms, fills, copies and adds took about 40 of the step's 740 ms).
+        per-tap norms, fills, copies and adds took up to about 40 of the step's 726 ms of kernels).
         """
         y_BTD = self.model.norm(x_BTD)
         patch_BND = y_BTD[:, self.num_prefix_tokens:]

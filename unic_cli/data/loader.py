@@ -413,7 +413,9 @@ class TrainLoader:
                 images_BCHW, _ = _collate_train([dataset[key] for key in sampler.keys(orders[epoch], epoch, step)])
             finally:
                 torch.set_num_threads(previous)
-            return images_BCHW.pin_memory() if self.pin_memory and len(images_BCHW) else images_BCHW
+            # as the DataLoader pins: only with CUDA (it warns and skips pinning without, pin_memory() would raise)
+            pin = self.pin_memory and len(images_BCHW) and torch.cuda.is_available()
+            return images_BCHW.pin_memory() if pin else images_BCHW
 
         return decode
 
