@@ -68,6 +68,7 @@ def test_compile_mode__needs_compile(tiny_teachers):
         _config(tiny_teachers, compile_mode="max-autotune").validate()
 
 
+@pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a CUDA device")
 def test_cuda_graphs__gradient_accumulation_matches_eager(tiny_teachers):
     """`--compile-mode reduce-overhead --grad-accum-steps 2` on a GPU: a graph replay used to overwrite the first
