@@ -6,6 +6,7 @@ Shape legend: B batch, C channels (3, RGB), H height, W width.
 from __future__ import annotations
 
 import atexit
+import contextlib
 import copy
 import logging
 import math
@@ -144,6 +145,18 @@ class _SkipLog:
                                "without a warning each", _MAX_SKIP_WARNINGS)
 
 
+@contextlib.contextmanager
+def _one_torch_thread(enabled: bool = True) -> Iterator[None]:
+    """One torch intra-op thread inside the block (when `enabled`), the caller's setting restored after."""
+    previous = torch.get_num_threads()
+    if enabled:
+        torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
+
+
 def _single_threaded(loader: torch.utils.data.DataLoader, num_workers: int) -> Iterator:
     """Iterate `loader`, decoding in-process batches with one torch thread.
 
@@ -157,15 +170,11 @@ def _single_threaded(loader: torch.utils.data.DataLoader, num_workers: int) -> I
         _LIVE_ITERATORS.add(iterator)
     try:
         while True:
-            previous = torch.get_num_threads()
-            if num_workers == 0:
-                torch.set_num_threads(1)
-            try:
-                item = next(iterator)
-            except StopIteration:
-                return
-            finally:
-                torch.set_num_threads(previous)
+            with _one_torch_thread(num_workers == 0):
+                try:
+                    item = next(iterator)
+                except StopIteration:
+                    return
             yield item
     finally:  # closed, failed or abandoned: end the workers now (see _shut_down_live_workers)
         _shut_down(iterator)
@@ -407,12 +416,8 @@ class TrainLoader:
             epoch, step = divmod(position, self.steps_per_epoch)
             if epoch not in orders:
                 orders[epoch] = sampler.epoch_order(epoch)
-            previous = torch.get_num_threads()
-            torch.set_num_threads(1)  # as workers and in-process decoding run (see _single_threaded)
-            try:
+            with _one_torch_thread():  # as workers and in-process decoding run (see _single_threaded)
                 images_BCHW, _ = _collate_train([dataset[key] for key in sampler.keys(orders[epoch], epoch, step)])
-            finally:
-                torch.set_num_threads(previous)
             # as the DataLoader pins: only with CUDA (it warns and skips pinning without, pin_memory() would raise)
             pin = self.pin_memory and len(images_BCHW) and torch.cuda.is_available()
             return images_BCHW.pin_memory() if pin else images_BCHW
