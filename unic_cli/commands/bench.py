@@ -36,7 +36,8 @@ def _batch_sizes(ctx, param, value: str | None) -> tuple[int, ...] | None:
 @click.option("--try-batch-sizes", callback=_batch_sizes, metavar="N,N,..",
               help="Per-process batch sizes to try in turn; reports the fastest that fits.")
 @click.option("--profile", "profile_dir", type=NonEmptyPath(), metavar="DIR",
-              help="Then profile one step: DIR/trace.json (Perfetto), DIR/ops.txt, kernel time by kind.")
+              help="Then profile one step: DIR/trace.json (Perfetto), DIR/ops.txt, DIR/ops_by_shape.txt, "
+                   "kernel time by kind.")
 @click.option("--config", "config_file", type=NonEmptyPath(dir_okay=False),
               help="TOML setting any field (e.g. a run's config.toml); flags override it.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON line instead of a table.")

@@ -82,7 +82,7 @@ _FLAGS = [
                                 help=_help("Student+ladder compute (auto: bf16 autocast on CUDA, fp32 on CPU).",
                                            "student_dtype"))),
     (("--compile",), dict(is_flag=True, default=None, help="torch.compile each block of the student and teachers, "
-                                                           "and the ladder (faster on GPU).")),
+                                                           "the student's taps and the ladder (faster on GPU).")),
     (("--compile-mode",), dict(metavar="MODE", help=_help("torch.compile mode with --compile: default, "
                                                           "max-autotune-no-cudagraphs, max-autotune, "
                                                           "reduce-overhead.", "compile_mode"))),
