@@ -13,7 +13,7 @@
 #      with ACCUM=K:B:MODE, one more compiled bench with K micro-batches of B per step in torch.compile's MODE
 #      (e.g. 2:96:reduce-overhead, the CUDA-graph path of gradient accumulation);
 #   2. the distill, teacher-precision and compile tests on CUDA (UNIC_TEST_DEVICE=cuda; test_compile.py's
-#      CUDA-graph accumulation test runs only on a GPU).
+#      CUDA-graph accumulation test runs only on a GPU), or the tests named in $TESTS; SKIP_BENCH=1 runs only them.
 # The summary goes to $OUT/summary.txt (the device tool's folder, or ./gpu_out), everything else (JSON, logs,
 # op tables, gzipped traces) into $OUT/gpu_results.tar.gz, re-packed after each part: the device tool returns at
 # most 8 files. Every knob is an environment variable, so the same script was tried on the CPU with tiny models:
@@ -74,7 +74,10 @@ bench() {  # NAME CODE_DIR TIMEOUT [extra flags...]
   local name=$1 code=$2 limit=$3; shift 3
   local start=$SECONDS
   # shellcheck disable=SC2086  # TEACHERS is a list
-  PYTHONPATH=$code${SITE:+:$SITE} timeout "$limit" "$PY" -m unic_cli bench --teachers $TEACHERS --student "$STUDENT" \
+  # PYTHONSAFEPATH: `python -m` would otherwise put the working directory (this checkout) ahead of $code, and a
+  # BASELINE would time this code again (it did until session 9); the line below names the code that runs
+  echo "== $name: unic_cli from $(PYTHONSAFEPATH=1 PYTHONPATH=$code "$PY" -c 'import unic_cli; print(unic_cli.__file__)')"
+  PYTHONSAFEPATH=1 PYTHONPATH=$code${SITE:+:$SITE} timeout "$limit" "$PY" -m unic_cli bench --teachers $TEACHERS --student "$STUDENT" \
     --image-size "$IMAGE" --device "$DEVICE" --teacher-drop-prob 0.25 --try-batch-sizes "$SIZES" --steps "$STEPS" \
     --warmup "${WARMUP:-2}" --json "$@" > "$WORK/bench_$name.json" 2> "$WORK/bench_$name.err"
   echo "== $name: exit code $? after $((SECONDS - start)) s"
@@ -110,7 +113,7 @@ fi 2>&1 | tee "$OUT/summary.txt"
 
 if [ -z "${SKIP_TESTS:-}" ]; then
   UNIC_TEST_DEVICE=$DEVICE timeout "${TEST_TIMEOUT:-120}" "$PY" -m pytest -q -x -p no:cacheprovider -m "not slow" \
-    tests/test_distill.py tests/teachers/test_precision.py tests/teachers/test_timm.py tests/test_compile.py 2>&1 \
+    ${TESTS:-tests/test_distill.py tests/teachers/test_precision.py tests/teachers/test_timm.py tests/test_compile.py} 2>&1 \
     | tail -n 15 | tee "$WORK/pytest_cuda.txt" | tee -a "$OUT/summary.txt"
 fi
 pack

@@ -62,7 +62,7 @@ def test_failed_start__leaves_nothing_that_blocks_the_corrected_command(tiny_tea
     (tmp_path / "r").mkdir()
     (tmp_path / "r" / "config.toml").write_text("# what a failed start of an earlier version left")
     result = run(_config(tiny_teachers, tiny_images, tmp_path / "r", steps=1))  # no --overwrite needed
-    assert result.status == "done" and not (tmp_path / "r" / ".lock").exists()
+    assert result.status == "done" and not (tmp_path / "r" / ".unic.lock").exists()
 
 
 def test_out_under_a_file__one_clear_error(tiny_teachers, tiny_images, tmp_path):

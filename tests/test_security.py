@@ -173,7 +173,7 @@ def test_run_lock__a_symlink_at_dot_lock_is_refused_and_its_target_untouched(tmp
     victim = tmp_path / "victim.txt"
     victim.write_text("precious")
     (tmp_path / "run").mkdir()
-    (tmp_path / "run" / ".lock").symlink_to(victim)
+    (tmp_path / "run" / ".unic.lock").symlink_to(victim)
     with pytest.raises(ConfigError, match="symbolic link"):
         with _RunLock(tmp_path / "run"):
             pass

@@ -138,11 +138,11 @@ class _StopRequest:
 
 
 class _RunLock:
-    """An exclusive lock on a run folder (`RUN/.lock`, flock: released by the kernel if the process dies), so a
+    """An exclusive lock on a run folder (`RUN/.unic.lock`, flock: released by the kernel if the process dies), so a
     second `unic distill` on the same --out (a `--resume` while the run still trains) is refused."""
 
     def __init__(self, run_dir: Path) -> None:
-        self.path = run_dir / ".lock"
+        self.path = run_dir / ".unic.lock"
         self.fd: int | None = None
 
     def __enter__(self):
@@ -162,8 +162,8 @@ class _RunLock:
             except OSError as err:  # a filesystem without locks (some network mounts): run unlocked
                 log.debug("cannot lock %s (%s): running without a lock", self.path, err)
                 break
-            # The holder unlinks .lock when it ends: if that happened between our open and our flock, we hold a
-            # lock on a file no longer at RUN/.lock, which a third process would not see; open the new one.
+            # The holder unlinks .unic.lock when it ends: if that happened between our open and our flock, we hold a
+            # lock on a file no longer at RUN/.unic.lock, which a third process would not see; open the new one.
             try:
                 same = os.path.samestat(os.fstat(fd), os.stat(self.path, follow_symlinks=False))
             except FileNotFoundError:
@@ -177,7 +177,7 @@ class _RunLock:
         return self
 
     def _open(self) -> int:
-        try:  # O_NOFOLLOW: a symlink planted at RUN/.lock must not make us truncate the file it points to
+        try:  # O_NOFOLLOW: a symlink planted at RUN/.unic.lock must not make us truncate the file it points to
             return os.open(self.path, os.O_RDWR | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0), 0o644)
         except OSError as err:
             link = " (a symbolic link: unic does not follow it; remove it)" if self.path.is_symlink() else ""
