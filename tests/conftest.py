@@ -33,10 +33,12 @@ def _torch_threads():
 
 
 def _handmade_unic_checkpoint(path: Path, *, student: str = "test_vit", image_size: int = 64,
-                              blocks: tuple[int, ...] = (3, 5), shared_heads: bool = False, seed: int = 0) -> Path:
+                              blocks: tuple[int, ...] = (3, 5), shared_heads: bool = False, seed: int = 0,
+                              student_args: dict | None = None) -> Path:
     """A `unic distill` checkpoint in the layout `unic_cli.checkpoint` writes, built by hand (no training): a
-    random timm student, random ladder heads, random standardiser statistics and a fake optimiser state. Teachers: t0
-    `tiny_a` (summary + patch, apache-2.0), t1 `tiny_nc` (patch only, cc-by-nc-4.0)."""
+    random timm student (timm's default layout, plus `student_args`), random ladder heads, random standardiser
+    statistics and a fake optimiser state. Teachers: t0 `tiny_a` (summary + patch, apache-2.0), t1 `tiny_nc` (patch
+    only, cc-by-nc-4.0)."""
     import timm
     import torch
 
@@ -45,7 +47,8 @@ def _handmade_unic_checkpoint(path: Path, *, student: str = "test_vit", image_si
     from unic_cli.registry import TeacherCard
 
     torch.manual_seed(seed)
-    model = timm.create_model(student, pretrained=False, num_classes=0, img_size=image_size)
+    student_args = dict(student_args or {})
+    model = timm.create_model(student, pretrained=False, num_classes=0, img_size=image_size, **student_args)
     cards = [
         TeacherCard(alias="tiny_a", source="timm", model_id="test_vit", image_size=64, patch_size=16,
                     summary_dim=48, patch_dim=48, mean=(0.5,) * 3, std=(0.5,) * 3, license="apache-2.0"),
@@ -69,7 +72,8 @@ def _handmade_unic_checkpoint(path: Path, *, student: str = "test_vit", image_si
                    "data_dir": "/nowhere", "out_dir": str(path.parent), "num_steps": 10, "lr": 1e-3},
         "teachers": [c.to_dict() for c in cards],
         "teacher_specs": [c.alias for c in cards],
-        "student": {"name": student, "model_args": {"img_size": image_size, "num_classes": 0, "drop_path_rate": 0.1},
+        "student": {"name": student,
+                    "model_args": {"img_size": image_size, "num_classes": 0, "drop_path_rate": 0.1, **student_args},
                     "state_dict": model.state_dict(), "image_size": image_size, "patch_size": 16,
                     "mean": [0.5, 0.5, 0.5], "std": [0.5, 0.5, 0.5], "interpolation": "bicubic"},
         "ladder": ladder.state_dict(),

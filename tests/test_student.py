@@ -79,6 +79,28 @@ def test_student__final_norm_gets_gradient():
     assert student.model.norm.weight.grad is not None and student.model.norm.weight.grad.abs().sum() > 0
 
 
+@pytest.mark.parametrize(("name", "size", "moved"), [("test_vit2", 64, {"fc_norm": False}),
+                                                     ("eva02_tiny_patch14_224", 56, {"use_fc_norm": False})])
+def test_build_student__norm_after_pool_moves_before_it_so_taps_are_normalised(name, size, moved):
+    """timm builds these with no final norm and a post-pooling fc_norm: taps would be unnormalised residuals."""
+    import timm
+
+    default = timm.create_model(name, num_classes=0, img_size=size)
+    assert isinstance(default.norm, torch.nn.Identity) and not isinstance(default.fc_norm, torch.nn.Identity)
+    student = build_student(name, image_size=size)
+    assert student.model_args == {"img_size": size, "num_classes": 0, **moved}
+    assert isinstance(student.model.fc_norm, torch.nn.Identity)
+    assert student.model.norm.weight.shape == (student.embed_dim,)
+    summary_BD, patch_BND = student(torch.randn(2, 3, size, size) * 3, blocks=(1,))[0]
+    torch.testing.assert_close(patch_BND.mean(-1), torch.zeros(patch_BND.shape[:2]), rtol=0, atol=1e-5)
+    torch.testing.assert_close(patch_BND.std(-1, unbiased=False), torch.ones(patch_BND.shape[:2]), rtol=0, atol=1e-3)
+    (summary_BD.sum() + patch_BND.pow(2).mul(torch.linspace(0, 1, student.embed_dim)).sum()).backward()
+    assert student.model.norm.weight.grad.abs().sum() > 0
+    # a saved run's model_args are built as they are: a run started before the move resumes with its layout
+    old = build_student(name, image_size=size, model_args={"img_size": size, "num_classes": 0})
+    assert old.model.state_dict().keys() == default.state_dict().keys()
+
+
 def test_student__state_dict_is_plain_timm():
     import timm
 

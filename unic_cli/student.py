@@ -168,24 +168,49 @@ def check_student_name(name: str) -> None:
     raise ConfigError(f"--student {name!r} is not a timm model.{hint} Use {SUPPORTED_HINT}.")
 
 
-def build_student(name: str, *, image_size: int, drop_path_rate: float = 0.0) -> Student:
+# timm's argument that moves a post-pooling norm (`fc_norm`) in front of the pooling, as the final `norm`
+_NORM_BEFORE_POOL = {"VisionTransformer": {"fc_norm": False}, "Eva": {"use_fc_norm": False}}
+
+
+def _norm_after_pool(model: nn.Module) -> bool:
+    """Whether the model normalises only after pooling: no final `norm`, a norm module as `fc_norm` (timm's
+    default for `global_pool='avg'`: the *_gap_* ViTs, EVA-02, BEiT-3, test_vit2)."""
+    fc_norm = getattr(model, "fc_norm", None)
+    return isinstance(model.norm, nn.Identity) and isinstance(fc_norm, nn.Module) and \
+        not isinstance(fc_norm, nn.Identity)
+
+
+def build_student(name: str, *, image_size: int, drop_path_rate: float = 0.0,
+                  model_args: dict | None = None) -> Student:
     """Build a randomly initialised timm ViT student at `image_size` (builds on the current default device).
+
+    A model that normalises only after pooling (`fc_norm`) is built with that norm as its final `norm` instead
+    (`fc_norm=False`, recorded in `model_args`): every tap then goes through a trained norm, and the exported
+    encoder keeps it. Such a model's timm default would leave the taps unnormalised (the pooled-only norm never
+    sees a token) and export no norm at all.
 
     Args:
         name: any timm model name of a supported family (see the module docstring).
         image_size: square input size; must be a multiple of the model's patch size.
         drop_path_rate: stochastic depth rate (official UNIC: 0.1).
+        model_args: timm arguments to build exactly (a checkpoint's `student.model_args`, so a resumed run gets
+            the architecture it started with); by default chosen here.
     """
     import timm
 
     check_student_name(name)
-    model_args = {"img_size": image_size, "num_classes": 0}
-    try:
-        model = timm.create_model(name, pretrained=False, drop_path_rate=drop_path_rate, **model_args)
-    except TypeError as err:  # e.g. a ConvNet that takes no img_size
-        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__  # no C++ frames
-        raise ConfigError(f"--student {name!r} cannot be built as a ViT student at --image-size {image_size} "
-                          f"({first}); unic students must be {SUPPORTED_HINT}.") from None
+
+    def create(args: dict) -> nn.Module:
+        try:
+            return timm.create_model(name, pretrained=False, drop_path_rate=drop_path_rate, **args)
+        except TypeError as err:  # e.g. a ConvNet that takes no img_size
+            first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__  # no C++ frames
+            raise ConfigError(f"--student {name!r} cannot be built as a ViT student at --image-size {image_size} "
+                              f"({first}); unic students must be {SUPPORTED_HINT}.") from None
+
+    chosen = model_args is None
+    model_args = {"img_size": image_size, "num_classes": 0} if chosen else dict(model_args)
+    model = create(model_args)
     family = type(model).__name__
     if family not in SUPPORTED_CLASSES:
         raise ConfigError(f"--student {name!r} is a timm {family}; unic students must be {SUPPORTED_HINT}.")
@@ -194,4 +219,7 @@ def build_student(name: str, *, image_size: int, drop_path_rate: float = 0.0) ->
         below, above = image_size // patch * patch, (image_size // patch + 1) * patch
         raise ConfigError(f"--image-size {image_size} is not a multiple of {name}'s patch size {patch}; "
                           f"use {f'{below} or {above}' if below else above}.")
+    if chosen and _norm_after_pool(model):
+        model_args = {**model_args, **_NORM_BEFORE_POOL[family]}
+        model = create(model_args)
     return Student(model, name=name, model_args=model_args)

@@ -87,8 +87,9 @@ def build_trainer(config: DistillConfig, device: torch.device, dist: DistInfo, c
                           "AdamW learning rates are around 1e-4 to 1e-3")
     teacher_dtype, student_bf16 = resolve_dtypes(config, device)
     torch.manual_seed(config.seed)
-    student = build_student(config.student, image_size=config.image_size, drop_path_rate=config.drop_path_rate)
-    # a resumed run keeps the teacher cards it started with (saved in every checkpoint)
+    # a resumed run keeps the student's architecture and the teacher cards it started with (saved in every checkpoint)
+    student = build_student(config.student, image_size=config.image_size, drop_path_rate=config.drop_path_rate,
+                            model_args=ckpt["student"]["model_args"] if ckpt is not None else None)
     cards = [TeacherCard.from_dict(c, origin="checkpoint") for c in ckpt["teachers"]] if ckpt is not None else None
     teachers = build_teachers(config, student.grid, device, teacher_dtype, init_on_device=init_on_device,
                               cards=cards)
