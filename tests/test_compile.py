@@ -91,3 +91,22 @@ def test_cuda_graphs__gradient_accumulation_matches_eager(tiny_teachers):
     torch.testing.assert_close(graphed_TM, eager_TM, rtol=1e-2, atol=1e-3, equal_nan=True)
     cos = torch.nn.functional.cosine_similarity(graphed_grads, eager_grads, dim=0)
     assert cos > 0.999 and float(graphed_grads.norm() / eager_grads.norm()) == pytest.approx(1, rel=1e-2)
+
+
+@pytest.mark.slow  # four compilations: about a minute on 2 cores
+def test_bench_sweep__compiles_each_batch_size_for_its_own_shapes(tiny_teachers):
+    """`unic bench --compile --try-batch-sizes 1,2,3`: without a reset between sizes, size 2 compiles with a
+    dynamic batch dimension and size 3 reuses that graph (2 compilations for 3 sizes)."""
+    from torch._dynamo.utils import counters
+
+    from unic_cli.bench import run_bench
+
+    def graphs(sizes):
+        torch.compiler.reset()
+        counters.clear()
+        result = run_bench(_config(tiny_teachers, compile=True, steps=1, drop_path_rate=0.0), warmup=1,
+                           batch_sizes=sizes)
+        assert [r["batch_size"] for r in result["sweep"]] == list(sizes)
+        return counters["stats"]["unique_graphs"]
+
+    assert graphs((1, 2, 3)) == 3 * graphs((1,))

@@ -142,7 +142,12 @@ def run_bench(config: DistillConfig, *, warmup: int = 2, batch_sizes: tuple[int,
         build_s = time.perf_counter() - t_build
         flops = flops_per_image(config)
         results = []
-        for batch_size in batch_sizes or (config.batch_size,):
+        for i, batch_size in enumerate(batch_sizes or (config.batch_size,)):
+            if config.compile and i > 0:
+                # Each size compiled for its own shapes, as a run at that size is. Otherwise torch.compile
+                # recompiles the second size with a dynamic batch dimension and reuses that graph for every later
+                # size, timing kernels that no run uses.
+                torch.compiler.reset()
             tr.config = replace(config, batch_size=batch_size)
             try:
                 results.append(_time_steps(tr, warmup, flops))
