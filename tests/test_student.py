@@ -139,3 +139,36 @@ def test_uniform_drop_path__swaps_only_when_some_rate_is_positive():
     dropping = build_student("test_vit", image_size=32, drop_path_rate=0.1).model
     uniform_drop_path(dropping)
     assert sum(isinstance(m, _TensorDropPath) for m in dropping.modules()) > 0
+
+
+def test_build_trainer__resume_builds_the_checkpoints_student_layout(tiny_teachers):
+    """A run saved before post-pooling norms moved (timm's layout: fc_norm, no final norm) resumes with that layout
+    and its weights; a new run gets the norm before the pooling."""
+    import contextlib
+
+    from unic_cli import train_step
+    from unic_cli.bench import _synthetic_batches
+    from unic_cli.config import BenchConfig
+    from unic_cli.distributed import dist_info
+    from unic_cli.plan import build_model
+
+    config = BenchConfig.from_sources(None, dict(teachers=tiny_teachers, student="test_vit2", image_size=64,
+                                                 batch_size=2, device="cpu", random_init_teachers=True))
+    fresh = train_step.build_trainer(config, torch.device("cpu"), dist_info())
+    assert fresh.core.student.model_args["fc_norm"] is False
+    old_args = {"img_size": 64, "num_classes": 0}
+    old = build_student("test_vit2", image_size=64, model_args=old_args)
+    torch.nn.init.normal_(old.model.fc_norm.weight)  # weights that a fresh build would not have
+    # the optimiser state such a run saved: its trainable parameters (fc_norm frozen, no final norm)
+    old_core = build_model(config, fresh.teachers, old)
+    old_optimizer = torch.optim.AdamW(train_step.param_groups(old_core, config.weight_decay))
+    ckpt = {"student": {"model_args": old_args, "state_dict": old.model.state_dict()},
+            "ladder": fresh.core.ladder.state_dict(), "standardizers": fresh.core.standardizers.state_dict(),
+            "teachers": [t.card.to_dict() for t in fresh.teachers], "optimizer": old_optimizer.state_dict()}
+    resumed = train_step.build_trainer(config, torch.device("cpu"), dist_info(), ckpt)
+    model = resumed.core.student.model
+    assert resumed.core.student.model_args == old_args and isinstance(model.norm, torch.nn.Identity)
+    torch.testing.assert_close(model.fc_norm.weight, old.model.fc_norm.weight, rtol=0, atol=0)
+    stats = train_step.forward_backward(resumed, _synthetic_batches(2, 64, 0), 0.5,
+                                        lambda name: contextlib.nullcontext())
+    assert torch.isfinite(stats.loss)
