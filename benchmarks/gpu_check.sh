@@ -3,7 +3,8 @@
 # any CUDA machine:
 #   1. `unic bench` on the UNIC-L configuration: teachers dinov2_g + metaclip_h (random init, bf16), student
 #      vit_large_patch14_224 at 224 px (patch 14: a 16x16 grid; bf16 autocast), teacher dropping p=0.25, the
-#      batch sizes in $SIZES tried in turn on the same models -> images/s, peak memory, split and MFU;
+#      batch sizes in $SIZES tried in turn on the same models (under --compile each compiled afresh) -> images/s,
+#      peak memory, split and MFU;
 #      with BASELINE=DIR, the same bench first on the code in DIR (e.g. `git archive HEAD~1 | tar -x -C DIR`),
 #      so before/after come from one machine (compiled, in the first mode, with COMPILE=1 SKIP_EAGER=1);
 #      with COMPILE=1, the same bench again under `--compile`, once per

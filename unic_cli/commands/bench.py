@@ -34,7 +34,8 @@ def _batch_sizes(ctx, param, value: str | None) -> tuple[int, ...] | None:
                                   "random batch."})
 @click.option("--warmup", type=int, help="Untimed steps before the timed --steps  [default: 2].")
 @click.option("--try-batch-sizes", callback=_batch_sizes, metavar="N,N,..",
-              help="Per-process batch sizes to try in turn; reports the fastest that fits.")
+              help="Per-process batch sizes to try in turn (with --compile, each compiled for its own shapes); "
+                   "reports the fastest that fits.")
 @click.option("--profile", "profile_dir", type=NonEmptyPath(), metavar="DIR",
               help="Then profile one step: DIR/trace.json (Perfetto), DIR/ops.txt, DIR/ops_by_shape.txt, "
                    "kernel time by kind.")
